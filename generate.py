@@ -1,0 +1,179 @@
+"""Try a model: one prompt, or an interactive chat, with a base checkpoint plus an optional LoRA adapter.
+
+    python generate.py                                    # the latest training run: its base + adapter
+    python generate.py --model ID_OR_DIR [--adapter DIR] --prompt "Hello"
+    python generate.py --model runs/<run>/merged --quant none
+
+The base loads in 4 bits as the adapter's training run loaded it (its train_config.json: format,
+blocksize, double quant, dtype; else NF4 with double quantization, QLoRA arXiv:2305.14314 §3), so the
+adapter runs on exactly the weights it was trained against; `--quant none` keeps 16-bit weights (for
+a merged checkpoint). Prompts go through the model's chat
+template when it has one (the conversation is kept across turns; `/reset` clears it, `/exit` or end of
+input leaves); otherwise the raw text is continued. Text is printed as it is generated; every EOS id of
+the model (Llama 3 has several) stops a reply. Sampling: temperature, then nucleus (top-p) truncation
+(Holtzman et al., arXiv:1904.09751); temperature 0 is greedy.
+"""
+import argparse
+import sys
+
+import torch
+
+import llama
+import lora
+from merge import latest_run, train_config
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+class Streamer:
+    """Prints generated text as ids arrive. Tokens are byte pieces, so a character can span several of
+    them: decode everything so far and print only what is new, holding back while the text ends in an
+    incomplete UTF-8 sequence (decoded as U+FFFD)."""
+
+    def __init__(self, tokenizer, out):
+        self.tokenizer, self.out = tokenizer, out
+        self.ids, self.printed = [], 0
+
+    def __call__(self, step_ids):  # llama.generate: one new id per prompt, None once that prompt ended
+        token_id = step_ids[0]
+        if token_id is None:
+            return
+        self.ids.append(int(token_id))
+        text = self.tokenizer.decode(self.ids)
+        if not text.endswith("\ufffd"):
+            self.out.write(text[self.printed:])
+            self.out.flush()
+            self.printed = len(text)
+
+    def finish(self):
+        text = self.tokenizer.decode(self.ids)
+        self.out.write(text[self.printed:] + "\n")
+        self.out.flush()
+        return text
+
+
+def resolve_model_and_adapter(model, adapter):
+    """--model and --adapter as given; an adapter alone brings its base; neither = the latest run."""
+    if model is None and adapter is None:
+        adapter = latest_run()
+    if model is None:
+        model = lora.adapter_config(adapter).get("base_model_name_or_path")
+        if not model:
+            raise ValueError(f"{adapter}/adapter_config.json names no base_model_name_or_path: pass --model")
+    return model, adapter
+
+
+def load(model_id, adapter, quant, dtype, device, run):
+    """The model as the run trained it: its 4-bit format, blocksize, double quant (`run` = its
+    train_config.json, {} when unknown), unless --quant says otherwise."""
+    same = quant == run.get("quant", "nf4")
+    model = llama.from_pretrained(model_id, quant=None if quant == "none" else quant, dtype=dtype, device=device,
+                                  blocksize=run.get("blocksize", 64) if same else 64,
+                                  double_quant=run.get("double_quant", True) if same else True)
+    if adapter is not None:
+        lora.load_adapter(model, adapter)  # A and B land on the base layer's device
+    model.eval()
+    tokenizer = llama.Tokenizer.from_dir(llama.resolve_checkpoint(model_id))
+    return model, tokenizer
+
+
+def prompt_ids(tokenizer, messages, use_template):
+    """Token ids of the conversation so far, ending where the assistant's reply starts."""
+    if use_template:
+        # The template writes BOS itself (as transformers' apply_chat_template, tokenized without specials).
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        return tokenizer.encode(text, add_bos=False)
+    text = "".join(m["content"] for m in messages if m["role"] != "system")
+    return tokenizer.encode(text, add_bos=True)
+
+
+def reply(model, tokenizer, messages, args, use_template, out, generator=None):
+    ids = prompt_ids(tokenizer, messages, use_template)
+    limit = model.config.max_position_embeddings - args.max_new_tokens
+    # Forget the oldest turns (never the system prompt) once the conversation outgrows the context.
+    while len(ids) > limit and sum(m["role"] != "system" for m in messages) > 1:
+        messages.pop(next(i for i, m in enumerate(messages) if m["role"] != "system"))
+        ids = prompt_ids(tokenizer, messages, use_template)
+    streamer = Streamer(tokenizer, out)
+    with torch.no_grad():
+        llama.generate(model, tokenizer, [ids], args.max_new_tokens, temperature=args.temperature,
+                       top_p=args.top_p, stream=streamer, generator=generator)
+    return streamer.finish()
+
+
+def chat(model, tokenizer, args, use_template, stdin=None, out=None, generator=None):
+    """Read a line, answer it, keep the conversation; `/reset` clears it, `/exit` or EOF ends."""
+    stdin, out = stdin or sys.stdin, out or sys.stdout
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    messages = list(system)
+    out.write("Chat with the model: /reset clears the conversation, /exit (or Ctrl-D) quits.\n")
+    while True:
+        out.write(">>> ")
+        out.flush()
+        line = stdin.readline()
+        if not line or line.strip() == "/exit":
+            out.write("\n")
+            return messages
+        text = line.rstrip("\n")
+        if text.strip() == "/reset":
+            messages = list(system)
+            continue
+        if not text.strip():
+            continue
+        messages.append({"role": "user", "content": text})
+        answer = reply(model, tokenizer, messages, args, use_template, out, generator)
+        messages.append({"role": "assistant", "content": answer})
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default=None,
+                   help="hub id or local checkpoint dir; default: the adapter's base_model_name_or_path")
+    p.add_argument("--adapter", default=None,
+                   help="LoRA adapter dir (PEFT layout); default with no --model: the latest run under runs/")
+    p.add_argument("--prompt", default=None, help="answer this one prompt and exit; none: interactive chat")
+    p.add_argument("--system", default=None, help="system message for chat templates that take one")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="longest reply, in tokens")
+    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature; 0 = greedy")
+    p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling: keep the smallest set of "
+                   "tokens whose probability reaches top-p")
+    p.add_argument("--quant", default=None, choices=["nf4", "fp4", "none"],
+                   help="4-bit format of the base; default: the adapter's training run's (train_config.json), "
+                        "else nf4")
+    p.add_argument("--dtype", default=None, choices=list(DTYPES),
+                   help="weights/compute dtype; default: the training run's, else bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--device", default=None, help="cuda, cpu, ...; default cuda when available")
+    p.add_argument("--no-chat-template", action="store_true", help="feed the raw prompt text")
+    p.add_argument("--seed", type=int, default=None, help="seed for sampling (reproducible replies)")
+    return p
+
+
+def main(argv=None, stdin=None, out=None):
+    args = build_parser().parse_args(argv)
+    if args.max_new_tokens < 1 or args.temperature < 0 or not 0 < args.top_p <= 1:
+        raise ValueError("need --max-new-tokens >= 1, --temperature >= 0 and 0 < --top-p <= 1")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model_id, adapter = resolve_model_and_adapter(args.model, args.adapter)
+    run = train_config(adapter) if adapter is not None else {}
+    quant = args.quant or run.get("quant", "nf4")
+    dtype_name = args.dtype or run.get("dtype") or ("bfloat16" if device.type == "cuda" else "float32")
+    model, tokenizer = load(model_id, adapter, quant, DTYPES[dtype_name], device, run)
+    use_template = tokenizer.chat_template is not None and not args.no_chat_template
+    out = out or sys.stdout
+    # Sampling draws from this generator (on the model's device), so --seed makes replies reproducible.
+    generator = torch.Generator(device).manual_seed(args.seed) if args.seed is not None else None
+    if args.prompt is not None:
+        messages = ([{"role": "system", "content": args.system}] if args.system else [])
+        messages.append({"role": "user", "content": args.prompt})
+        return reply(model, tokenizer, messages, args, use_template, out, generator)
+    return chat(model, tokenizer, args, use_template, stdin, out, generator)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"generate.py: error: {e}")
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,799 @@
+"""Llama: a handwritten Hugging Face Llama that loads hub checkpoints, quantizing them as they stream in.
+
+The decoder-only transformer of Llama 1/2/3 (arXiv:2302.13971, arXiv:2307.09288, arXiv:2407.21783),
+with module names equal to the keys of a transformers checkpoint, so loading is a shape-checked copy:
+
+    x_0     = embed_tokens[ids]
+    h_l     = x_l + o_proj(attention(rope(q_proj(n)), rope(k_proj(n)), v_proj(n))),   n = RMSNorm(x_l)
+    x_(l+1) = h_l + down_proj(silu(gate_proj(m)) * up_proj(m)),                        m = RMSNorm(h_l)
+    logits  = lm_head(RMSNorm(x_L))
+
+    RMSNorm(x) = w * x / sqrt(mean(x^2) + eps)                                      (statistics in fp32)
+    rope(q)    = q cos(p theta) + rotate_half(q) sin(p theta),   theta_i = base^(-2i/D),  i < D/2
+    rotate_half([a, b]) = [-b, a] over the two halves of each head: HF's layout, so HF q/k weights need
+    no permutation (Meta's original code rotates interleaved pairs instead).
+
+Grouped-query attention shares each of the K key/value heads among H/K adjacent query heads. Rope scaling
+("linear", "dynamic" NTK, Llama 3.1's "llama3") only changes the inverse frequencies theta_i.
+
+Around the model, what it takes to use a hub checkpoint: `LlamaConfig` (transformers-4 and -5 config.json
+layouts), `from_pretrained` (local directory or hub id; single or sharded safetensors; plain or
+bitsandbytes-4-bit), which streams one tensor at a time and quantizes each linear weight on arrival so
+the float model never exists in memory (QLoRA, arXiv:2305.14314 §3), `Tokenizer` (tokenizer.json, special
+tokens, the jinja chat template) and `generate` (KV cache, greedy or temperature/top-p, batched prompts).
+
+The model classes know nothing of quantization or LoRA: those replace `nn.Linear` modules afterwards.
+Left out on purpose: dropout (0 in every Llama), other rope types (yarn, longrope), `.bin` and 8-bit
+checkpoints, tensor parallelism.
+
+Shape legend: B batch, T tokens in this call, S key positions (cached + new), C hidden size,
+H query heads, K key/value heads, D head dim, F intermediate size, V vocab.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import MISSING, dataclass, fields
+from datetime import datetime
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+import nf4
+
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class LlamaConfig:
+    """The config.json fields that change the maths, named as in config.json."""
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    intermediate_size: int
+    vocab_size: int
+    num_key_value_heads: int | None = None  # None: = num_attention_heads (no GQA)
+    head_dim: int | None = None  # None: = hidden_size // num_attention_heads
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # None: plain rope; else {"rope_type": "linear"|"dynamic"|"llama3", ...}
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    hidden_act: str = "silu"
+    torch_dtype: str | None = None  # the checkpoint's dtype name ("bfloat16", ...)
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+    quantization_config: dict | None = None  # present in bitsandbytes-quantized checkpoints
+    model_type: str = "llama"
+
+    def __post_init__(self):
+        if self.model_type != "llama":
+            raise ValueError(f"model_type {self.model_type!r} is not supported: this file implements Llama only "
+                             "(config.json must say \"model_type\": \"llama\")")
+        if self.hidden_act != "silu":
+            raise ValueError(f"hidden_act {self.hidden_act!r} is not supported (Llama uses 'silu')")
+        # derived values only fill what config.json leaves out
+        self.num_key_value_heads = self.num_key_value_heads or self.num_attention_heads
+        self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads {self.num_attention_heads} is not a multiple of "
+                             f"num_key_value_heads {self.num_key_value_heads}")
+        self.rope_scaling = _normalize_rope_scaling(self.rope_scaling, self.max_position_embeddings)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> LlamaConfig:
+        """Both layouts found on the hub: transformers 5 nests every rope setting (rope_theta included) in
+        `rope_parameters` and writes `dtype`; transformers 4 has a top-level `rope_theta`, a `rope_scaling`
+        dict or null (its kind under `rope_type`, or `type` in older files) and `torch_dtype`. Keys that do
+        not change the maths (architectures, use_cache, ...) are ignored."""
+        d = dict(d)
+        rope = d.pop("rope_parameters", None) or d.pop("rope_scaling", None)
+        if rope:
+            rope = dict(rope)
+            d["rope_theta"] = rope.pop("rope_theta", d.get("rope_theta", 10000.0))
+            d["rope_scaling"] = rope
+        if "dtype" in d:
+            d.setdefault("torch_dtype", d.pop("dtype"))
+        if d.get("model_type", "llama") == "llama":  # another model_type fails in __post_init__ instead
+            missing = [f.name for f in fields(cls) if f.default is MISSING and d.get(f.name) is None]
+            if missing:
+                raise ValueError(f"config.json lacks {missing}: not a complete Llama config")
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> LlamaConfig:
+        with open(path, encoding="utf-8") as f:
+            return cls.from_dict(json.load(f))
+
+
+def _normalize_rope_scaling(rope: dict | None, max_position_embeddings: int) -> dict | None:
+    """One spelling for every hub variant: the kind under `rope_type` (older files say `type`), None for
+    plain rope, and the fields each kind needs checked here rather than deep inside a forward pass."""
+    if not rope:
+        return None
+    kind = rope.get("rope_type") or rope.get("type") or "default"
+    rope = {k: v for k, v in rope.items() if k not in ("type", "rope_theta")} | {"rope_type": kind}
+    if kind == "default":
+        return None
+    if kind not in ROPE_TYPES:
+        raise ValueError(f"rope type {kind!r} is not supported; supported: {', '.join(ROPE_TYPES)}")
+    needs = ["factor"] + (["low_freq_factor", "high_freq_factor"] if kind == "llama3" else [])
+    for key in needs:
+        if key not in rope:
+            raise ValueError(f"rope scaling {kind!r} needs {key!r} in config.json")
+    if kind == "llama3":  # transformers falls back to the same value when the field is absent
+        rope.setdefault("original_max_position_embeddings", max_position_embeddings)
+    return rope
+
+
+def rope_inv_freq(config: LlamaConfig, seq_len: int | None = None) -> torch.Tensor:
+    """Rotary inverse frequencies theta_i = base^(-2i/D) after the config's scaling: float32 [D/2] on the CPU.
+    `seq_len` only matters for "dynamic" (NTK-aware) scaling, which raises the base once a sequence runs
+    past max_position_embeddings. Same formulas and float32 evaluation order as transformers'
+    modeling_rope_utils, so the values are bit-identical to its `inv_freq`."""
+    D, base = config.head_dim, config.rope_theta
+    scaling = config.rope_scaling or {"rope_type": "default"}
+    kind = scaling["rope_type"]
+    if kind == "dynamic" and seq_len is not None and seq_len > config.max_position_embeddings:
+        factor = scaling["factor"]
+        base = base * ((factor * seq_len / config.max_position_embeddings) - (factor - 1)) ** (D / (D - 2))
+    # device="cpu" even under a meta-device context: this buffer is not in any checkpoint, so nothing
+    # would ever fill a meta copy in (the meta-init trap for non-persistent buffers)
+    inv_freq = 1.0 / (base ** (torch.arange(0, D, 2, dtype=torch.int64, device="cpu").float() / D))  # (D/2,)
+    if kind == "linear":
+        inv_freq = inv_freq / scaling["factor"]  # same as dividing the positions: position interpolation
+    elif kind == "llama3":
+        # Llama 3.1: wavelengths longer than the pre-training context are stretched by `factor`, those
+        # shorter than context/high_freq_factor are kept, and the band between is interpolated smoothly.
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        stretched = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * stretched / factor + smooth * stretched
+        is_medium = ~(wavelen < old_len / high) * ~(wavelen > old_len / low)
+        inv_freq = torch.where(is_medium, smoothed, stretched)
+    return inv_freq
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """[a, b] -> [-b, a] over the last dim: HF's rope pairs element i with element i + D/2."""
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat((-b, a), dim=-1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Model
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x):
+        # fp32 statistics: mean(x^2) of bf16 activations loses the small components. The normalized value
+        # is cast back *before* the weight multiply, exactly as transformers does, so bf16 runs round alike.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: LlamaConfig, layer_idx: int):
+        super().__init__()
+        C, H, K, D = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.n_head, self.n_kv_head, self.head_dim, self.layer_idx = H, K, D, layer_idx
+        self.q_proj = nn.Linear(C, H * D, bias=config.attention_bias)
+        self.k_proj = nn.Linear(C, K * D, bias=config.attention_bias)
+        self.v_proj = nn.Linear(C, K * D, bias=config.attention_bias)
+        self.o_proj = nn.Linear(H * D, C, bias=config.attention_bias)
+
+    def forward(self, x, cos, sin, mask, cache):
+        B, T, _ = x.shape
+        H, K, D = self.n_head, self.n_kv_head, self.head_dim
+        q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
+        v = self.v_proj(x).view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)  # (B, K, S, D)
+        # GQA: query head h uses kv head h // (H/K), so each kv head is repeated for *adjacent* query heads
+        k = k.repeat_interleave(H // K, dim=1)  # (B, H, S, D)
+        v = v.repeat_interleave(H // K, dim=1)  # (B, H, S, D)
+        # mask None: plain causal when T == S; a single new token (T == 1) may see every cached key.
+        # SDPA's is_causal aligns the triangle top-left, which is wrong for T < S, hence the explicit
+        # mask the model builds for that case.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)
+        y = y.transpose(1, 2).reshape(B, T, H * D)  # (B, T, C)
+        return self.o_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        C, Fi = config.hidden_size, config.intermediate_size
+        self.gate_proj = nn.Linear(C, Fi, bias=config.mlp_bias)
+        self.up_proj = nn.Linear(C, Fi, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(Fi, C, bias=config.mlp_bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: LlamaConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, mask=None, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class KVCache:
+    """Keys and values of every layer for the tokens seen so far, preallocated for `max_len` positions.
+    Keys are stored after rope, so a cached position is never rotated again."""
+
+    def __init__(self, model: Llama, batch_size: int, max_len: int):
+        cfg = model.config
+        ref = model.model.embed_tokens.weight  # activations run in the embeddings' dtype
+        shape = (batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)  # (B, K, max_len, D)
+        self.k = [torch.zeros(shape, dtype=ref.dtype, device=ref.device) for _ in range(cfg.num_hidden_layers)]
+        self.v = [torch.zeros(shape, dtype=ref.dtype, device=ref.device) for _ in range(cfg.num_hidden_layers)]
+        self.length = 0  # positions filled; the model advances it after the last layer
+
+    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor):
+        end = self.length + k.shape[2]
+        if end > self.k[layer_idx].shape[2]:
+            raise ValueError(f"KV cache holds {self.k[layer_idx].shape[2]} positions, {end} needed")
+        self.k[layer_idx][:, :, self.length:end] = k
+        self.v[layer_idx][:, :, self.length:end] = v
+        return self.k[layer_idx][:, :, :end], self.v[layer_idx][:, :, :end]  # (B, K, S, D) each
+
+
+class Llama(nn.Module):
+    """LlamaForCausalLM with HF's module names: `model.embed_tokens`, `model.layers.{i}`, `model.norm`,
+    `lm_head` (sharing the embedding matrix when `tie_word_embeddings`, and then absent from the state dict
+    as in the HF checkpoint)."""
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.config = config
+        self.name_or_path = ""
+        self.gradient_checkpointing = False
+        self.model = nn.ModuleDict(dict(
+            embed_tokens=nn.Embedding(config.vocab_size, config.hidden_size),
+            layers=nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers)),
+            norm=RMSNorm(config.hidden_size, config.rms_norm_eps),
+        ))
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)  # (D/2,) fp32
+        if config.tie_word_embeddings:
+            self.tie_weights()
+            self.register_state_dict_post_hook(_drop_tied_head)
+            self.register_load_state_dict_pre_hook(_fill_tied_head)
+            self.register_load_state_dict_post_hook(lambda module, incompatible: module.tie_weights())
+
+    def tie_weights(self):
+        """Point lm_head at the embedding matrix again (after anything that replaced either Parameter)."""
+        self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None):
+        """input_ids (B, T) -> logits (B, T, V) in the model dtype. attention_mask (B, S): 1 real, 0 padding,
+        covering the cached positions too when `cache` is given."""
+        return self.lm_head(self.hidden_states(input_ids, attention_mask, position_ids, cache))
+
+    def hidden_states(self, input_ids, attention_mask=None, position_ids=None, cache=None):
+        """The final-norm output (B, T, C) that lm_head maps to logits: training computes its loss from
+        this in chunks, so the (B, T, V) fp32 logits of the whole batch never exist at once."""
+        B, T = input_ids.shape
+        past = cache.length if cache is not None else 0
+        device = input_ids.device
+        if position_ids is None:
+            if attention_mask is None:
+                position_ids = torch.arange(past, past + T, device=device).expand(B, T)  # (B, T)
+            else:
+                # count real tokens only, so a left-padded prompt gets the positions it has unpadded
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]  # (B, T)
+        x = self.model.embed_tokens(input_ids)  # (B, T, C)
+
+        # rope angles in fp32 (positions up to 1e5+ times theta need the mantissa), cos/sin cast once
+        inv_freq = self.inv_freq
+        if (self.config.rope_scaling or {}).get("rope_type") == "dynamic":
+            seq_len = int(position_ids.max()) + 1
+            if seq_len > self.config.max_position_embeddings:
+                inv_freq = rope_inv_freq(self.config, seq_len).to(device)
+        angles = position_ids[..., None].float() * inv_freq.to(device)  # (B, T, D/2)
+        angles = torch.cat((angles, angles), dim=-1)[:, None]  # (B, 1, T, D) broadcast over heads
+        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+
+        mask = None
+        if attention_mask is not None or (past > 0 and T > 1):
+            mask = self._attention_mask(attention_mask, past, T, device)
+
+        for layer in self.model.layers:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None:
+                # non-reentrant: works when no input requires grad (frozen embeddings, LoRA-only params)
+                # and keeps only the layer input; the layer is run again during backward
+                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, cache)
+        if cache is not None:
+            cache.length += T
+        return self.model.norm(x)
+
+    @staticmethod
+    def _attention_mask(attention_mask, past, T, device):
+        """Boolean (B or 1, 1, T, S) mask, True = may attend: causal over absolute slots, padding keys off."""
+        S = past + T
+        q_slot = torch.arange(past, S, device=device)[:, None]  # (T, 1)
+        k_slot = torch.arange(S, device=device)[None, :]  # (1, S)
+        allowed = (k_slot <= q_slot)[None, None]  # (1, 1, T, S)
+        if attention_mask is not None:
+            allowed = allowed & attention_mask[:, None, None, :S].bool()  # (B, 1, T, S)
+            # A padding query would see no key at all; SDPA turns such a row into NaN, and NaN values then
+            # leak into real tokens as 0 * NaN through the next layer's (masked) keys. Let it see itself.
+            allowed = allowed | (k_slot == q_slot)
+        return allowed
+
+
+def _drop_tied_head(module, state_dict, prefix, local_metadata):
+    state_dict.pop(prefix + "lm_head.weight", None)
+
+
+def _fill_tied_head(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                    error_msgs):
+    embed = state_dict.get(prefix + "model.embed_tokens.weight")
+    if embed is not None:
+        state_dict.setdefault(prefix + "lm_head.weight", embed)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loading: hub or local directory -> config -> model on the meta device -> tensors streamed one at a time
+
+# What a hub snapshot needs; everything else in a repo (.bin/.pth duplicates, original/ folders) is skipped.
+HUB_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+             "special_tokens_map.json", "chat_template.jinja", "model.safetensors.index.json",
+             "model*.safetensors"]
+_QUANT_STATE = ".weight.quant_state.bitsandbytes__"  # bitsandbytes' marker of a 4-bit layer (spec §4.1)
+_ITEMSIZE = {"U8": 1, "I8": 1, "F16": 2, "BF16": 2, "F32": 4}  # safetensors dtype -> bytes (quant_storage)
+
+
+def resolve_checkpoint(name_or_path: str | os.PathLike, revision: str | None = None,
+                       token: str | None = None) -> Path:
+    """A local directory as it is, otherwise a hub id downloaded (or found in the HF cache) as a snapshot
+    of just the files in HUB_FILES. Failures say what to do about them."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    name = str(name_or_path)
+    if path.exists():
+        raise ValueError(f"{name} is a file; pass the checkpoint directory that holds config.json")
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name:
+        raise FileNotFoundError(f"no such directory: {name} (a hub id looks like 'owner/name')")
+
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
+    token = token or os.environ.get("HF_TOKEN")
+    login = "pass token=... (or set HF_TOKEN, or run `hf auth login`)"
+    try:
+        directory = Path(snapshot_download(name, revision=revision, token=token, allow_patterns=HUB_FILES))
+    except GatedRepoError as e:  # a subclass of RepositoryNotFoundError: check it first
+        raise PermissionError(f"{name} is a gated repository: accept its license at https://huggingface.co/{name} "
+                              f"with your account, then {login}") from e
+    except RepositoryNotFoundError as e:
+        raise FileNotFoundError(f"{name}: no such repository on the Hugging Face Hub, or it is private (then "
+                                f"{login}); for a local checkpoint pass its directory") from e
+    except RevisionNotFoundError as e:
+        raise ValueError(f"{name} has no revision {revision!r} (a branch, tag or commit hash)") from e
+    except LocalEntryNotFoundError as e:
+        offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+        why = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face Hub cannot be reached"
+        raise ConnectionError(f"{name} is not in the local Hugging Face cache and {why}: connect to the network "
+                              "(and unset HF_HUB_OFFLINE) to download it once, or pass a local directory") from e
+    except HfHubHTTPError as e:
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        if status in (401, 403):
+            raise PermissionError(f"{name}: access denied (HTTP {status}); {login} with a token that may "
+                                  "read this repository") from e
+        raise
+    if not any(directory.glob("*.safetensors")):
+        files = HfApi().list_repo_files(name, revision=revision, token=token)
+        raise _no_safetensors_error(name, [f for f in files if f.endswith(".bin")])
+    return directory
+
+
+def _no_safetensors_error(where: str, bin_files: list) -> Exception:
+    if bin_files:
+        return ValueError(f"{where} holds only PyTorch .bin weights ({bin_files[0]}, ...); this loader reads "
+                          "safetensors only (pickle files can run code). Use a revision with safetensors (the "
+                          "hub's conversion bot often opened one: revision='refs/pr/N'), or convert once: "
+                          "transformers' AutoModelForCausalLM.from_pretrained(...).save_pretrained(dir)")
+    return FileNotFoundError(f"{where}: no model.safetensors or model.safetensors.index.json")
+
+
+def checkpoint_files(directory: str | os.PathLike) -> list[Path]:
+    """The safetensors files of a checkpoint: the shards named by model.safetensors.index.json, else
+    model.safetensors."""
+    directory = Path(directory)
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        with open(index, encoding="utf-8") as f:
+            names = sorted(set(json.load(f)["weight_map"].values()))
+        files = [directory / n for n in names]
+        absent = [n for n in names if not (directory / n).is_file()]
+        if absent:
+            raise FileNotFoundError(f"{directory}: the index names shards that are missing: {absent}")
+        return files
+    if (directory / "model.safetensors").is_file():
+        return [directory / "model.safetensors"]
+    raise _no_safetensors_error(str(directory), sorted(p.name for p in directory.glob("*.bin")))
+
+
+def from_pretrained(name_or_path: str | os.PathLike, quant: str | None = "nf4",
+                    dtype: torch.dtype | None = torch.bfloat16, device: str | torch.device | None = None,
+                    double_quant: bool = True, blocksize: int = 64, revision: str | None = None,
+                    token: str | None = None) -> Llama:
+    """Load a HF Llama checkpoint (local directory or hub id) without ever holding its float weights.
+
+    Every linear layer but lm_head is quantized on arrival, on `device`, to `quant` ("nf4", "fp4") with
+    `blocksize` and (`double_quant`) 8-bit absmax constants, or kept in `dtype` when quant is None; its float
+    copy is dropped at once. Embeddings, norms and lm_head are kept in `dtype` (None: the checkpoint's).
+    Float weights are cast to `dtype` before quantizing, as transformers does, so the bytes match a
+    bitsandbytes model loaded with torch_dtype=dtype. A checkpoint already quantized by bitsandbytes
+    (transformers' 4-bit layout) keeps its own 4-bit format, or is dequantized to `dtype` when quant is None.
+    device None: CUDA when available, else the CPU. Returns the model in eval mode.
+    """
+    if quant not in ("nf4", "fp4", None):
+        raise ValueError(f"quant must be 'nf4', 'fp4' or None, not {quant!r}")
+    device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
+    directory = resolve_checkpoint(name_or_path, revision, token)
+    if not (directory / "config.json").is_file():
+        raise FileNotFoundError(f"{directory} has no config.json: not a Hugging Face checkpoint directory")
+    config = LlamaConfig.from_file(directory / "config.json")
+    if dtype is None:
+        dtype = getattr(torch, config.torch_dtype or "float32")
+    _check_quantization_config(config.quantization_config)
+    files = checkpoint_files(directory)
+
+    with torch.device("meta"):
+        model = Llama(config)  # no memory: every parameter is a placeholder until its tensor arrives
+    shapes = {}  # key -> (file, shape, dtype) from the headers alone, to fail before reading any data
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            for key in f.keys():
+                s = f.get_slice(key)
+                shapes[key] = (file, s.get_shape(), s.get_dtype())
+    parts = _check_keys(model, shapes)
+
+    pending = {}  # 4-bit module -> {suffix: tensor} while its pieces arrive (they may span shards)
+    for file in files:
+        with safe_open(file, framework="pt", device="cpu") as f:
+            for key in f.keys():
+                if _ignored(key, config):
+                    continue
+                tensor = f.get_tensor(key)
+                module_name = _module_of(key)
+                if module_name in parts:  # a bitsandbytes 4-bit layer: gather its pieces, then build it
+                    pending.setdefault(module_name, {})[key[len(module_name) + 1:]] = tensor
+                    if pending[module_name].keys() == parts[module_name]:
+                        layer = _load_4bit(pending.pop(module_name), device, dtype, keep_4bit=quant is not None)
+                        _set_module(model, module_name, layer)
+                    continue
+                module = model.get_submodule(module_name)
+                name = key.rpartition(".")[2]
+                value = tensor.to(device=device, dtype=dtype)
+                if quant is not None and name == "weight" and module_name != "lm_head" and isinstance(module, nn.Linear):
+                    bias = None if module.bias is None or module.bias.is_meta else module.bias.data
+                    layer = nf4.Linear4bit.from_weight(value, bias=bias, quant_type=quant, blocksize=blocksize,
+                                                       double_quant=double_quant, compute_dtype=dtype)
+                    del tensor, value  # the float weight dies here: peak memory stays one tensor above 4-bit
+                    _set_module(model, module_name, layer)
+                    continue
+                value = _own(value, tensor)
+                del tensor
+                frozen = isinstance(module, nf4.Linear4bit)  # a bias arriving after its 4-bit weight
+                setattr(module, name, nn.Parameter(value, requires_grad=not frozen))
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if meta or pending:  # _check_keys should make this unreachable
+        raise RuntimeError(f"{directory}: tensors never arrived: {meta or sorted(pending)}")
+    model.inv_freq = model.inv_freq.to(device)  # computed on the CPU at init, even under meta
+    model.name_or_path = str(name_or_path)
+    return model.eval()
+
+
+def _own(value: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """`value` (source.to(device, dtype)) in memory of its own. When .to() had nothing to do, it is still a
+    view into safetensors' private mmap of the file: the model would then break (SIGBUS) if the file were
+    rewritten in place, and its size would hide in the page cache."""
+    return value.clone() if value.data_ptr() == source.data_ptr() else value
+
+
+def _module_of(key: str) -> str:
+    """model.layers.0.mlp.up_proj for ...up_proj.weight, ...up_proj.bias and ...up_proj.weight.absmax."""
+    return key.split(".weight", 1)[0] if ".weight" in key else key.rpartition(".")[0]
+
+
+def _ignored(key: str, config: LlamaConfig) -> bool:
+    # older transformers saved the rope buffer; it is recomputed from the config. A tied checkpoint that
+    # still carries lm_head.weight gets the embedding matrix instead, as in transformers.
+    return key.endswith("rotary_emb.inv_freq") or (config.tie_word_embeddings and key == "lm_head.weight")
+
+
+def _check_quantization_config(qc: dict | None):
+    if qc is None:
+        return
+    if qc.get("quant_method") != "bitsandbytes" or not qc.get("load_in_4bit"):
+        kind = qc.get("quant_method", "?") + (" 8-bit" if qc.get("load_in_8bit") else "")
+        raise ValueError(f"checkpoint quantized with {kind!r}: only bitsandbytes 4-bit checkpoints and plain "
+                         "float checkpoints can be loaded; use the original float checkpoint")
+
+
+def _check_keys(model: Llama, shapes: dict) -> dict[str, set]:
+    """Strict key and shape check of the checkpoint headers against the model. Returns, for each module
+    stored in bitsandbytes' 4-bit layout, the set of its key suffixes ("weight", "weight.absmax", ...)."""
+    # bitsandbytes' own rule (spec §4.2): a layer is 4-bit iff a `weight.quant_state.bitsandbytes__*` key exists
+    parts = {k.split(_QUANT_STATE)[0]: set() for k in shapes if _QUANT_STATE in k}
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}  # tied: no lm_head.weight
+    unexpected, wrong = [], []
+    for key, (_, shape, dtype) in shapes.items():
+        if _ignored(key, model.config):
+            continue
+        module_name = _module_of(key)
+        if module_name in parts:  # every key of a 4-bit layer: weight, weight.absmax, ..., bias
+            suffix = key[len(module_name) + 1:]
+            parts[module_name].add(suffix)
+            out_f, in_f = expected.get(module_name + ".weight", (0, 0))
+            nbytes = (out_f * in_f + 1) // 2  # two 4-bit codes a byte, whatever quant_storage dtype holds them
+            if suffix == "weight" and math.prod(shape) * _ITEMSIZE.get(dtype, 0) != nbytes:
+                wrong.append(f"{key}: {dtype} {shape}, but the 4-bit packing of [{out_f}, {in_f}] takes "
+                             f"{nbytes} bytes")
+            elif suffix == "bias" and tuple(shape) != expected.get(key):
+                wrong.append(f"{key}: checkpoint {shape}, config.json implies {list(expected.get(key, ()))}")
+            continue
+        if key not in expected:
+            unexpected.append(key)
+        elif tuple(shape) != expected[key]:
+            wrong.append(f"{key}: checkpoint {shape}, config.json implies {list(expected[key])}")
+    present = {k for k in shapes} | {m + ".weight" for m in parts}
+    missing = [k for k in expected if k not in present]
+    incomplete = [f"{m}: {sorted(p)}" for m, p in parts.items()
+                  if not {"weight", "weight.absmax", "weight.quant_map"} <= p]
+    problems = [(missing, "missing"), (unexpected, "unexpected"), (wrong, "wrong shape"),
+                (incomplete, "incomplete 4-bit layers")]
+    if any(keys for keys, _ in problems):
+        lines = [f"{what} ({len(keys)}): {keys[:8]}{' ...' if len(keys) > 8 else ''}"
+                 for keys, what in problems if keys]
+        raise ValueError("checkpoint does not match config.json:\n  " + "\n  ".join(lines))
+    return parts
+
+
+def _load_4bit(parts: dict, device, dtype, keep_4bit: bool) -> nn.Module:
+    """A layer stored by bitsandbytes (transformers' 4-bit layout), kept 4-bit or dequantized to `dtype`."""
+    bias = parts.pop("bias", None)
+    bias = None if bias is None else _own(bias.to(device=device, dtype=dtype), bias)
+    # the JSON blob stays on the CPU: it is parsed there
+    layer = nf4.Linear4bit.from_quantized(
+        {k: t if "quant_state" in k else _own(t.to(device), t) for k, t in parts.items()},
+        bias=bias, compute_dtype=dtype)
+    if keep_4bit:
+        return layer
+    linear = nn.Linear(layer.in_features, layer.out_features, bias=bias is not None, device="meta")
+    linear.weight = nn.Parameter(layer.dequantize(dtype))
+    if bias is not None:
+        linear.bias = nn.Parameter(bias)
+    return linear
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module):
+    parent, _, child = name.rpartition(".")
+    old = model.get_submodule(name)
+    if (getattr(old, "out_features", None), getattr(old, "in_features", None)) != (module.out_features,
+                                                                                 module.in_features):
+        raise ValueError(f"{name}: checkpoint layer is {module.out_features}x{module.in_features}, "
+                         f"config.json implies {old.out_features}x{old.in_features}")
+    setattr(model.get_submodule(parent), child, module)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tokenizer
+
+
+class Tokenizer:
+    """tokenizer.json through the `tokenizers` library, plus what transformers keeps beside it: the special
+    tokens (tokenizer_config.json, special_tokens_map.json, generation_config.json) and the chat template."""
+
+    def __init__(self, tokenizer, bos_token=None, eos_token=None, pad_token=None, eos_ids=(), pad_id=None,
+                 bos_id=None, chat_template=None):
+        self.tokenizer = tokenizer
+        self.bos_token, self.eos_token, self.pad_token = bos_token, eos_token, pad_token
+        self.bos_id = self._id(bos_token) if bos_token is not None else bos_id
+        self.pad_id = self._id(pad_token) if pad_token is not None else pad_id
+        # every id that ends a turn: the tokenizer's eos first, then generation_config's (Llama 3 lists
+        # <|end_of_text|>, <|eom_id|> and <|eot_id|> there)
+        ids = ([self._id(eos_token)] if eos_token is not None else []) + list(eos_ids)
+        self.eos_ids = list(dict.fromkeys(ids))
+        self.chat_template = chat_template
+        # Does tokenizer.json's post-processor prepend BOS by itself (Llama's TemplateProcessing does)?
+        # encode() always bypasses the post-processor and adds BOS on request, so BOS is never doubled.
+        with_special = tokenizer.encode("a", add_special_tokens=True).ids
+        self.adds_bos = self.bos_id is not None and with_special[:1] == [self.bos_id] != \
+            tokenizer.encode("a", add_special_tokens=False).ids[:1]
+
+    def _id(self, token: str) -> int:
+        i = self.tokenizer.token_to_id(token)
+        if i is None:
+            raise ValueError(f"special token {token!r} is not in tokenizer.json's vocabulary")
+        return i
+
+    @classmethod
+    def from_dir(cls, directory: str | os.PathLike) -> Tokenizer:
+        from tokenizers import Tokenizer as HFTokenizer
+        directory = Path(directory)
+        if not (directory / "tokenizer.json").is_file():
+            raise FileNotFoundError(f"{directory} has no tokenizer.json (the 'fast' tokenizer file); "
+                                    "save one with transformers' AutoTokenizer(...).save_pretrained(dir)")
+
+        def read(name):
+            path = directory / name
+            return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+        config, special, generation = read("tokenizer_config.json"), read("special_tokens_map.json"), \
+            read("generation_config.json")
+
+        def token(name):  # a plain string, or an AddedToken dict {"content": ...} in older files
+            value = config.get(name) or special.get(name)
+            return value.get("content") if isinstance(value, dict) else value
+
+        eos = generation.get("eos_token_id")
+        template = config.get("chat_template")
+        if isinstance(template, list):  # several named templates: transformers uses "default"
+            template = {t["name"]: t["template"] for t in template}.get("default")
+        if (directory / "chat_template.jinja").is_file():  # transformers 4.43+ writes it here; it wins
+            template = (directory / "chat_template.jinja").read_text(encoding="utf-8")
+        return cls(HFTokenizer.from_file(str(directory / "tokenizer.json")),
+                   bos_token=token("bos_token"), eos_token=token("eos_token"), pad_token=token("pad_token"),
+                   eos_ids=eos if isinstance(eos, list) else [eos] if eos is not None else [],
+                   bos_id=generation.get("bos_token_id"), pad_id=generation.get("pad_token_id"),
+                   chat_template=template)
+
+    def encode(self, text: str, add_bos: bool = False) -> list[int]:
+        """Token ids of `text`; special tokens written in it (e.g. a rendered chat template's
+        "<|begin_of_text|>") become their ids. BOS is prepended only when asked and not already there."""
+        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        if add_bos and self.bos_id is not None and ids[:1] != [self.bos_id]:
+            ids = [self.bos_id] + ids
+        return ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False, **kwargs) -> str:
+        """Render `messages` ([{"role", "content"}]) with the model's jinja template, the way transformers
+        does: a sandboxed environment, `raise_exception`, `strftime_now`, a non-escaping `tojson`, the
+        special-token strings as variables. Encode the result with add_bos=False: templates write BOS."""
+        if self.chat_template is None:
+            raise ValueError("this tokenizer has no chat template (no chat_template.jinja and no "
+                             "'chat_template' in tokenizer_config.json); format the prompt yourself")
+        variables = {"bos_token": self.bos_token, "eos_token": self.eos_token, "pad_token": self.pad_token}
+        return _compile_template(self.chat_template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt,
+            **{k: v for k, v in variables.items() if v is not None}, **kwargs)
+
+
+def _compile_template(template: str):
+    import jinja2
+    from jinja2.ext import Extension, loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class Generation(Extension):  # `{% generation %}...{% endgeneration %}` marks assistant text; render as is
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
+
+        def _render(self, caller):
+            return caller()
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        # jinja's own tojson escapes HTML characters, which would change the prompt text
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    # chat templates from the hub are untrusted code: the sandbox keeps them from reaching Python internals
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[Generation, loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env.from_string(template)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Generation
+
+
+def sample_token(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next token per row from logits (B, V): argmax when temperature is 0, else a draw from
+    softmax(logits / temperature) restricted to the smallest set of tokens whose mass reaches top_p."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)  # (B, V) fp32
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)  # (B, V)
+        # drop a token once the tokens before it already reach top_p; the most likely one always stays
+        sorted_p = sorted_p.masked_fill(sorted_p.cumsum(-1) - sorted_p >= top_p, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)  # multinomial renormalizes
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
+
+
+@torch.no_grad()
+def generate(model: Llama, tokenizer: Tokenizer | None, prompt_ids: list[int] | list[list[int]],
+             max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0, stream=None,
+             generator: torch.Generator | None = None) -> list[list[int]]:
+    """Continue each prompt until one of the tokenizer's EOS ids (not included in the output) or
+    `max_new_tokens`. Several prompts run as one batch, left-padded, with an attention mask and positions
+    counted from each prompt's first real token, so each row gives what it would give alone.
+    `stream(step_ids)` is called after every step with one new id per prompt (None once a prompt is done).
+    Returns one list of new token ids per prompt (a single flat prompt counts as one prompt)."""
+    prompts = [list(prompt_ids)] if prompt_ids and isinstance(prompt_ids[0], int) else [list(p) for p in prompt_ids]
+    if not prompts or not all(prompts):
+        raise ValueError("every prompt needs at least one token (e.g. the BOS id)")
+    eos = set(tokenizer.eos_ids if tokenizer is not None else
+              [model.config.eos_token_id] if isinstance(model.config.eos_token_id, int)
+              else model.config.eos_token_id or [])
+    device = model.model.embed_tokens.weight.device
+    B, L = len(prompts), max(map(len, prompts))
+    pad = (tokenizer.pad_id if tokenizer is not None else None) or 0  # any id: padding is masked out
+    ids = torch.tensor([[pad] * (L - len(p)) + p for p in prompts], device=device)  # (B, L)
+    mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in prompts], device=device)  # (B, L)
+    padded = bool((mask == 0).any())  # without padding the mask is dropped: SDPA's fast causal path
+
+    was_training = model.training
+    model.eval()
+    cache = KVCache(model, B, L + max_new_tokens)
+    logits = model(ids, attention_mask=mask if padded else None, cache=cache)[:, -1]  # (B, V)
+    out, done = [[] for _ in prompts], [False] * B
+    for step in range(max_new_tokens):
+        next_ids = sample_token(logits, temperature, top_p, generator)  # (B,)
+        new = []
+        for row, token in enumerate(next_ids.tolist()):
+            if not done[row] and token in eos:
+                done[row] = True
+            new.append(None if done[row] else token)
+            if not done[row]:
+                out[row].append(token)
+        if stream is not None:
+            stream(new)
+        if all(done) or step == max_new_tokens - 1:
+            break
+        mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)  # (B, S)
+        logits = model(next_ids[:, None], attention_mask=mask if padded else None, cache=cache)[:, -1]
+    model.train(was_training)
+    return out

@@ -1,0 +1,502 @@
+"""PagedAdamW against its references: torch.optim.AdamW (32-bit), a float32-master AdamW (bf16
+parameters), bitsandbytes' 8-bit blockwise kernel (tests/fixtures/bnb/adamw8bit.safetensors), and itself
+across a checkpoint (resume). CUDA-only tests cover managed memory, prefetch and paging under pressure."""
+import gc
+import io
+import json
+import math
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import paged_adamw
+from conftest import BNB
+from paged_adamw import BLOCKSIZE, PagedAdamW, PagedAdamW8bit, PagedAdamW32bit
+
+
+def ulps(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor = None) -> float:
+    """max |a - b| in float32 ulps of `scale` (default: max(|a|, |b|) elementwise)."""
+    a, b = a.detach().float(), b.detach().float()
+    s = torch.maximum(a.abs(), b.abs()) if scale is None else scale.detach().float().abs()
+    ulp = torch.nextafter(s, torch.full_like(s, math.inf)) - s
+    return ((a - b).abs() / ulp).max().item()
+
+
+def make_params(shapes, dtype=torch.float32, seed=0, device="cpu"):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=gen).to(device=device, dtype=dtype).requires_grad_() for s in shapes]
+
+
+def clone_params(params):
+    return [p.detach().clone().requires_grad_() for p in params]
+
+
+def set_grads(step, *param_lists, skip=()):
+    """Same random gradient for the i-th parameter of every list; indices in `skip` get none."""
+    gen = torch.Generator().manual_seed(1000 + step)
+    for i, group in enumerate(zip(*param_lists)):
+        g = torch.randn(group[0].shape, generator=gen)
+        for p in group:
+            p.grad = None if i in skip else g.to(device=p.device, dtype=p.dtype)
+
+
+def state_tensors(opt, params):
+    return [(k, v) for p in params for k, v in sorted(opt.state[p].items())]
+
+
+# ---------------------------------------------------------------------------------------------
+# 32-bit state: torch.optim.AdamW step for step
+
+def test_32bit_matches_torch_adamw_for_50_steps():
+    shapes = [(16, 576), (576, 16), (300, 33), (7,)]
+    ref, mine = make_params(shapes), make_params(shapes)
+    groups = lambda ps: [{"params": ps[:2]},  # noqa: E731
+                         {"params": ps[2:], "lr": 3e-3, "weight_decay": 0.1, "betas": (0.8, 0.99), "eps": 1e-6}]
+    torch_opt = torch.optim.AdamW(groups(ref), lr=1e-3, weight_decay=0.01, foreach=True)
+    opt = PagedAdamW32bit(groups(mine), lr=1e-3, weight_decay=0.01)
+    warmup_cosine = lambda s: min(1.0, (s + 1) / 10) * 0.5 * (1 + math.cos(math.pi * s / 50))  # noqa: E731
+    scheds = [torch.optim.lr_scheduler.LambdaLR(o, warmup_cosine) for o in (torch_opt, opt)]
+    for step in range(50):
+        # the 1-D parameter misses some steps, so the parameters' step counts (bias corrections) differ
+        set_grads(step, ref, mine, skip=(3,) if step % 7 == 3 else ())
+        torch_opt.step()
+        opt.step()
+        for s in scheds:
+            s.step()
+        for r, m in zip(ref, mine):
+            assert ulps(m, r) <= 4, f"step {step}"
+    assert opt.state[mine[3]]["step"] == 50 - len([s for s in range(50) if s % 7 == 3])
+    for r, m in zip(ref, mine):
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert opt.state[m][key].dtype == torch.float32
+            assert ulps(opt.state[m][key], torch_opt.state[r][key]) <= 4
+
+
+def test_loads_torch_adamw_state_and_continues_identically():
+    shapes = [(33, 20), (5,)]
+    ref, mine = make_params(shapes), make_params(shapes)
+    torch_opt = torch.optim.AdamW(ref, lr=2e-3, weight_decay=0.05, foreach=True)
+    for step in range(5):
+        set_grads(step, ref)
+        torch_opt.step()
+    with torch.no_grad():
+        for r, m in zip(ref, mine):
+            m.copy_(r)
+    opt = PagedAdamW(mine)
+    opt.load_state_dict(torch_opt.state_dict())
+    assert opt.param_groups[0]["lr"] == 2e-3 and opt.state[mine[0]]["step"] == 5
+    for step in range(5, 10):
+        set_grads(step, ref, mine)
+        torch_opt.step()
+        opt.step()
+    for r, m in zip(ref, mine):
+        assert ulps(m, r) <= 4
+
+
+# ---------------------------------------------------------------------------------------------
+# bf16 parameters: float32 master copy
+#
+# Reference: torch.optim.AdamW on float32 copies of the bf16 parameters ("masters"), fed each step
+# with the bf16 gradient converted to float32. After every step, each bf16 parameter must equal its
+# master rounded to bf16, bit for bit, and our float32 state must match the reference's.
+
+def test_bf16_params_follow_float32_master_reference():
+    shapes = [(40, 64), (64,)]
+    mine = make_params(shapes, dtype=torch.bfloat16)
+    masters = [p.detach().float().requires_grad_() for p in mine]
+    torch_opt = torch.optim.AdamW(masters, lr=3e-3, weight_decay=0.1, foreach=True)
+    opt = PagedAdamW(mine, lr=3e-3, weight_decay=0.1)
+    for step in range(20):
+        set_grads(step, mine)
+        for p, m in zip(mine, masters):
+            m.grad = p.grad.float()
+        torch_opt.step()
+        opt.step()
+        for p, m in zip(mine, masters):
+            assert p.dtype == torch.bfloat16
+            assert torch.equal(p, m.detach().to(torch.bfloat16)), f"step {step}"
+            assert ulps(opt.state[p]["master"], m) <= 4
+    for p, m in zip(mine, masters):
+        for key in ("exp_avg", "exp_avg_sq", "master"):
+            assert opt.state[p][key].dtype == torch.float32
+        assert ulps(opt.state[p]["exp_avg_sq"], torch_opt.state[m]["exp_avg_sq"]) <= 4
+
+
+def test_bf16_updates_below_half_an_ulp_accumulate():
+    # bf16 ulp at 1.0 is 2^-7 = 0.0078; 40 Adam steps of ~1e-3 each must move the parameter, although
+    # each one alone rounds away. Without a float32 master the parameter would never change.
+    p = torch.ones(64, dtype=torch.bfloat16, requires_grad=True)
+    opt = PagedAdamW([p], lr=1e-3)
+    for _ in range(40):
+        p.grad = torch.ones_like(p)
+        opt.step()
+    assert torch.all(p < 1.0)
+    torch.testing.assert_close(opt.state[p]["master"], torch.full((64,), 1 - 40e-3), rtol=0, atol=1e-5)
+
+
+def test_bf16_param_written_between_steps_reseeds_master():
+    p = make_params([(8, 8)], dtype=torch.bfloat16)[0]
+    opt = PagedAdamW([p], lr=1e-2)
+    master_ref = p.detach().float().requires_grad_()
+    torch_opt = torch.optim.AdamW([master_ref], lr=1e-2, weight_decay=0.0, foreach=True)
+    for step in range(6):
+        if step == 3:  # someone (a checkpoint load, a clamp) writes part of the parameter
+            with torch.no_grad():
+                p[0].fill_(0.5)
+                master_ref[0].fill_(0.5)
+        set_grads(step, [p])
+        master_ref.grad = p.grad.float()
+        opt.step()
+        torch_opt.step()
+        assert torch.equal(p, master_ref.detach().to(torch.bfloat16)), f"step {step}"
+
+
+# ---------------------------------------------------------------------------------------------
+# 8-bit state: bitsandbytes' blockwise kernel (fixture)
+
+def _fixture():
+    with safe_open(BNB / "adamw8bit.safetensors", "pt") as f:
+        return json.loads(f.metadata()["info"]), {k: f.get_tensor(k) for k in f.keys()}
+
+
+def test_8bit_matches_bitsandbytes_fixture():
+    info, t = _fixture()
+    p = t["param0"].clone().requires_grad_()  # [3, 257]: 3 full blocks and a 3-element one
+    opt = PagedAdamW8bit([p], lr=info["lr"], betas=info["betas"], eps=info["eps"],
+                         weight_decay=info["weight_decay"], min_8bit_size=0)
+    assert torch.equal(paged_adamw.DYNAMIC_SIGNED, t["qmap1"]) and torch.equal(paged_adamw.DYNAMIC_UNSIGNED, t["qmap2"])
+    prev = t["param0"]
+    for step in (1, 2, 3):  # step 3 has an all-zero gradient in block 0
+        p.grad = t[f"step{step}.grad"].clone()
+        opt.step()
+        state = opt.state[p]
+        for key in ("state1", "state2", "absmax1", "absmax2"):
+            assert state[key].dtype == t[f"step{step}.{key}"].dtype
+            assert torch.equal(state[key], t[f"step{step}.{key}"]), f"step {step} {key}"
+        ref = t[f"step{step}.param"]
+        # the kernel's float32 op order is followed but pow/sqrt/div may round differently: a few ulps
+        # of the larger of the parameter and its update (a decay-before-step order is ~1000 ulps off)
+        assert ulps(p, ref, scale=torch.maximum(ref.abs(), (ref - prev).abs())) <= 4, f"step {step}"
+        prev = ref
+
+
+def test_8bit_only_for_params_of_min_8bit_size():
+    small, big, bf16 = make_params([(4095,), (16, 256)]) + make_params([(300, 20)], dtype=torch.bfloat16)
+    opt = PagedAdamW8bit([small, big, bf16])  # min_8bit_size 4096
+    set_grads(0, [small, big, bf16])
+    opt.step()
+    assert set(opt.state[small]) == {"step", "exp_avg", "exp_avg_sq"}
+    assert opt.state[small]["exp_avg"].dtype == torch.float32
+    assert opt.state[big]["state1"].dtype == torch.uint8 and opt.state[big]["state1"].shape == big.shape
+    assert opt.state[big]["absmax1"].shape == (16,)
+    assert opt.state[bf16]["master"].dtype == torch.float32
+    assert opt.state[bf16]["absmax2"].shape == (-(-6000 // BLOCKSIZE),)
+    state_bytes = sum(v.numel() * v.element_size() for k, v in opt.state[big].items() if k != "step")
+    assert state_bytes / big.numel() == 2 + 8 / BLOCKSIZE
+
+
+def test_8bit_tracks_32bit_adamw():
+    # 8-bit state is an approximation: over 30 steps the parameters must stay near the 32-bit run's,
+    # relative to the distance travelled (a wrong sign fix or map would drift by far more).
+    shapes = [(64, 128)]
+    p8, p32, start = make_params(shapes) + make_params(shapes) + make_params(shapes)
+    opt8, opt32 = PagedAdamW8bit([p8], lr=1e-2), PagedAdamW32bit([p32], lr=1e-2)
+    for step in range(30):
+        set_grads(step, [p8], [p32])
+        opt8.step()
+        opt32.step()
+    travelled = (p32 - start).norm()
+    assert (p8 - p32).norm() / travelled < 0.05
+
+
+def test_8bit_nonfinite_gradient_is_skipped_elementwise():
+    p = make_params([(2, 256)])[0]
+    opt = PagedAdamW8bit([p], min_8bit_size=0, weight_decay=0.1)
+    set_grads(0, [p])
+    opt.step()
+    before = p.detach().clone()
+    set_grads(1, [p])
+    p.grad[0, 5], p.grad[1, 7] = float("inf"), float("nan")
+    opt.step()
+    state = opt.state[p]
+    assert p[0, 5] == before[0, 5] and p[1, 7] == before[1, 7]  # not stepped, not decayed
+    assert torch.isfinite(p).all() and torch.isfinite(state["absmax1"]).all() and torch.isfinite(state["absmax2"]).all()
+    m = paged_adamw.dequantize_blockwise(state["state1"].view(-1), state["absmax1"], paged_adamw.DYNAMIC_SIGNED)
+    v = paged_adamw.dequantize_blockwise(state["state2"].view(-1), state["absmax2"], paged_adamw.DYNAMIC_UNSIGNED)
+    assert m.view(2, 256)[0, 5].abs() <= 1e-6 * state["absmax1"][0] and v.view(2, 256)[1, 7] == 0
+    assert (p != before).float().mean() > 0.99  # everything else moved
+
+
+# ---------------------------------------------------------------------------------------------
+# Resume: state_dict -> disk -> new optimizer -> same trajectory
+
+@pytest.mark.parametrize("optim_bits", [32, 8])
+def test_resume_gives_the_same_trajectory(optim_bits):
+    shapes = [(64, 80), (10,)]  # 5120 elements -> 8-bit state; 10 -> 32-bit state
+    def build(params):
+        fp32, bf16 = params[:2], params[2:]
+        return PagedAdamW([{"params": fp32}, {"params": bf16, "weight_decay": 0.0}], lr=1e-3, weight_decay=0.02,
+                          optim_bits=optim_bits)
+    make = lambda: make_params(shapes) + make_params([(70, 64)], dtype=torch.bfloat16, seed=1)  # noqa: E731
+    straight, resumed = make(), make()
+    opt = build(straight)
+    for step in range(10):
+        set_grads(step, straight)
+        if step == 3:
+            opt.param_groups[0]["lr"] = 5e-3  # a schedule change the checkpoint must carry
+        opt.step()
+
+    first = build(resumed)
+    for step in range(5):
+        set_grads(step, resumed)
+        if step == 3:
+            first.param_groups[0]["lr"] = 5e-3
+        first.step()
+    buf = io.BytesIO()
+    torch.save({"params": [p.detach() for p in resumed], "optimizer": first.state_dict()}, buf)
+    del first
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    resumed = [p.clone().requires_grad_() for p in ckpt["params"]]
+    second = build(resumed)  # built with lr 1e-3; the checkpoint's 5e-3 must win
+    second.load_state_dict(ckpt["optimizer"])
+    assert second.param_groups[0]["lr"] == 5e-3
+    bf16_state = second.state[resumed[2]]
+    assert bf16_state["master"].dtype == torch.float32
+    moment, dtype = ("state1", torch.uint8) if optim_bits == 8 else ("exp_avg", torch.float32)
+    assert bf16_state[moment].dtype == dtype
+    for step in range(5, 10):
+        set_grads(step, resumed)
+        second.step()
+
+    for a, b in zip(straight, resumed):
+        assert torch.equal(a, b)
+    for (ka, va), (kb, vb) in zip(state_tensors(opt, straight), state_tensors(second, resumed)):
+        assert ka == kb and (va == vb if ka == "step" else torch.equal(va, vb) and va.dtype == vb.dtype), ka
+
+
+def test_load_state_dict_rejects_a_mismatched_checkpoint():
+    a = make_params([(64, 80)])
+    opt = PagedAdamW8bit(a)
+    set_grads(0, a)
+    opt.step()
+    sd = opt.state_dict()
+    with pytest.raises(ValueError, match="shape"):
+        PagedAdamW8bit(make_params([(80, 64)])).load_state_dict(sd)
+    with pytest.raises(ValueError, match="groups"):
+        PagedAdamW8bit([{"params": make_params([(64, 80)])}, {"params": make_params([(3,)])}]).load_state_dict(sd)
+    bad = {"state": {0: {"step": 1, "state1": sd["state"][0]["state1"].float()}}, "param_groups": sd["param_groups"]}
+    with pytest.raises(ValueError, match="state keys"):
+        PagedAdamW8bit(make_params([(64, 80)])).load_state_dict(bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# Which parameters get stepped
+
+@pytest.mark.parametrize("optim_bits", [32, 8])
+def test_skips_params_without_grad_and_frozen_params(optim_bits):
+    no_grad, frozen, trained = make_params([(64, 80)] * 3)
+    frozen.requires_grad_(False)
+    frozen.grad = torch.ones_like(frozen)  # a stale gradient must not move a frozen parameter
+    before = [p.detach().clone() for p in (no_grad, frozen, trained)]
+    opt = PagedAdamW([no_grad, frozen, trained], weight_decay=0.1, optim_bits=optim_bits)
+    trained.grad = torch.ones_like(trained)
+    opt.step()
+    assert torch.equal(no_grad, before[0]) and torch.equal(frozen, before[1])
+    assert set(opt.state) == {trained}
+    # first Adam step with g = 1: every element moves by lr (times 1 - lr * wd for the decay)
+    torch.testing.assert_close(trained.detach(), before[2] * (1 - 1e-4) - 1e-3, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("optim_bits", [32, 8])
+def test_non_contiguous_params_step_like_contiguous_ones(optim_bits):
+    base = make_params([(80, 64)])[0]
+    contiguous = base.detach().t().contiguous().requires_grad_()  # [64, 80]
+    transposed = base.detach().clone().t().requires_grad_()  # [64, 80] view with strides (1, 64)
+    opts = [PagedAdamW([p], optim_bits=optim_bits, weight_decay=0.1) for p in (contiguous, transposed)]
+    for step in range(3):
+        set_grads(step, [contiguous], [transposed])
+        for opt in opts:
+            opt.step()
+    assert not transposed.is_contiguous() and torch.equal(contiguous, transposed)
+
+
+def test_bad_arguments_are_clear_errors():
+    p = make_params([(4,)])
+    with pytest.raises(ValueError, match="optim_bits"):
+        PagedAdamW(p, optim_bits=4)
+    with pytest.raises(ValueError, match="lr"):
+        PagedAdamW(p, lr=-1.0)
+    with pytest.raises(ValueError, match="betas"):
+        PagedAdamW(p, betas=(0.9, 1.0))
+    with pytest.raises(ValueError, match="float64"):
+        PagedAdamW([torch.zeros(3, dtype=torch.float64, requires_grad=True)])
+    with pytest.raises(ValueError, match="sparse"):
+        q = make_params([(4,)])[0]
+        q.grad = torch.ones(4).to_sparse()
+        PagedAdamW([q]).step()
+
+
+def test_cpu_state_is_ordinary_memory():
+    p = make_params([(400, 300)])[0]  # 120k elements: above page_threshold, but on the CPU
+    opt = PagedAdamW([p], paged=True)
+    set_grads(0, [p])
+    opt.step()
+    assert not any(paged_adamw.is_managed(v) for v in opt.state[p].values() if isinstance(v, torch.Tensor))
+    assert paged_adamw.managed_bytes() == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA: managed memory, prefetch, paging (skipped without a GPU)
+
+def _pointer_is_managed(t: torch.Tensor) -> bool:
+    """Ask the CUDA runtime itself (cudaPointerGetAttributes) rather than paged_adamw's bookkeeping."""
+    import ctypes
+
+    class Attributes(ctypes.Structure):  # struct cudaPointerAttributes (CUDA >= 11)
+        _fields_ = [("type", ctypes.c_int), ("device", ctypes.c_int), ("devicePointer", ctypes.c_void_p),
+                    ("hostPointer", ctypes.c_void_p), ("reserved", ctypes.c_long * 16)]  # slack for newer CUDA
+    lib = paged_adamw._cudart().lib
+    attrs = Attributes()
+    assert lib.cudaPointerGetAttributes(ctypes.byref(attrs), ctypes.c_void_p(t.data_ptr())) == 0
+    return attrs.type == 3  # cudaMemoryTypeManaged
+
+
+@pytest.mark.cuda
+def test_cuda_managed_alloc_view_lifetime_and_free():
+    gc.collect()
+    base = paged_adamw.managed_bytes()
+    t = paged_adamw.managed_zeros((1000, 256), torch.float32, "cuda")
+    assert t.is_cuda and t.dtype == torch.float32 and t.shape == (1000, 256)
+    assert paged_adamw.is_managed(t) and _pointer_is_managed(t)
+    assert paged_adamw.managed_bytes() == base + 1000 * 256 * 4
+    assert torch.count_nonzero(t).item() == 0
+    t += torch.arange(256, device="cuda", dtype=torch.float32)
+    view = t[10:20]
+    del t
+    gc.collect()
+    assert paged_adamw.managed_bytes() == base + 1000 * 256 * 4  # a view keeps the allocation alive
+    torch.testing.assert_close(view.sum(0).cpu(), 10 * torch.arange(256, dtype=torch.float32))
+    del view
+    gc.collect()
+    assert paged_adamw.managed_bytes() == base
+    u = paged_adamw.managed_zeros((77,), torch.uint8, "cuda")
+    assert u.dtype == torch.uint8 and _pointer_is_managed(u)
+    with pytest.raises(torch.OutOfMemoryError):
+        paged_adamw.managed_zeros((torch.cuda.mem_get_info()[1] // 4 + 1,), torch.float32, "cuda")
+
+
+@pytest.mark.cuda
+def test_cuda_prefetch_is_ordered_on_the_current_stream():
+    t = paged_adamw.managed_zeros((1 << 20,), torch.float32, "cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            paged_adamw.prefetch(t)
+            t.add_(1.0)
+    torch.cuda.current_stream().wait_stream(side)
+    assert torch.all(t == 3.0).item()
+
+
+@pytest.mark.cuda
+def test_cuda_paged_32bit_equals_torch_adamw():
+    shapes = [(512, 256), (256, 64), (33,)]
+    ref, mine = make_params(shapes, device="cuda"), make_params(shapes, device="cuda")
+    torch_opt = torch.optim.AdamW(ref, lr=1e-3, weight_decay=0.01, foreach=True)
+    opt = PagedAdamW(mine, lr=1e-3, weight_decay=0.01, page_threshold=10_000)
+    for step in range(10):
+        set_grads(step, ref, mine)
+        torch_opt.step()
+        opt.step()
+    assert [paged_adamw.is_managed(opt.state[p]["exp_avg"]) for p in mine] == [True, True, False]
+    for r, m in zip(ref, mine):
+        assert ulps(m, r) <= 4
+
+
+@pytest.mark.cuda
+def test_cuda_paged_8bit_matches_cpu():
+    shapes = [(512, 257), (64, 80)]
+    cpu, gpu = make_params(shapes), make_params(shapes, device="cuda")
+    opt_cpu = PagedAdamW8bit(cpu, weight_decay=0.01)
+    opt_gpu = PagedAdamW8bit(gpu, weight_decay=0.01, page_threshold=100_000)
+    for step in range(5):
+        set_grads(step, cpu, gpu)
+        opt_cpu.step()
+        opt_gpu.step()
+    assert paged_adamw.is_managed(opt_gpu.state[gpu[0]]["state1"])
+    assert not paged_adamw.is_managed(opt_gpu.state[gpu[0]]["absmax1"])
+    for c, g in zip(cpu, gpu):
+        torch.testing.assert_close(g.cpu(), c, rtol=1e-5, atol=1e-7)
+        codes_equal = (opt_gpu.state[g]["state1"].cpu() == opt_cpu.state[c]["state1"]).float().mean()
+        assert codes_equal > 0.999  # GPU sqrt/div may move a value across a code midpoint, rarely
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("optim_bits", [32, 8])
+def test_cuda_paged_state_round_trip(optim_bits):
+    shapes = [(400, 300), (70,)]
+    straight, resumed = make_params(shapes, device="cuda"), make_params(shapes, device="cuda")
+    opt = PagedAdamW(straight, optim_bits=optim_bits, weight_decay=0.01)
+    first = PagedAdamW(resumed, optim_bits=optim_bits, weight_decay=0.01)
+    for step in range(3):
+        set_grads(step, straight, resumed)
+        opt.step()
+        first.step()
+    buf = io.BytesIO()
+    torch.save(first.state_dict(), buf)
+    del first
+    buf.seek(0)
+    second = PagedAdamW(resumed, optim_bits=optim_bits, weight_decay=0.01)
+    second.load_state_dict(torch.load(buf, weights_only=True, map_location="cpu"))  # host copy -> paged again
+    big = second.state[resumed[0]]
+    key = "state1" if optim_bits == 8 else "exp_avg"
+    assert big[key].is_cuda and paged_adamw.is_managed(big[key]) and _pointer_is_managed(big[key])
+    assert big[key].dtype == (torch.uint8 if optim_bits == 8 else torch.float32)
+    for step in range(3, 6):
+        set_grads(step, straight, resumed)
+        opt.step()
+        second.step()
+    for a, b in zip(straight, resumed):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.cuda
+def test_cuda_paging_under_memory_pressure():
+    # 32M float32 parameters -> 256 MiB of managed 32-bit state. Once it is resident on the GPU, an
+    # ordinary allocation asks for all the memory that was free *before* the state existed, less half
+    # the state: it can only succeed if the driver evicts managed pages to host RAM -- the paging QLoRA
+    # relies on -- and the next step must fault them back unchanged. The managed allocation itself never
+    # exceeds what is free; the card is oversubscribed by only 128 MiB (held in host RAM).
+    n = 32 * 2**20
+    p = torch.randn(n, device="cuda").requires_grad_()
+    ref = p.detach().clone().requires_grad_()
+    opt = PagedAdamW([p], lr=1e-3, weight_decay=0.01)
+    torch_opt = torch.optim.AdamW([ref], lr=1e-3, weight_decay=0.01, foreach=True)
+    grads = [torch.randn(n, device="cuda", generator=torch.Generator("cuda").manual_seed(s)) for s in range(2)]
+    ref.grad = grads[0]
+    torch_opt.step()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    free_before_state = torch.cuda.mem_get_info()[0]
+    p.grad = grads[0]
+    opt.step()
+    state_bytes = sum(v.untyped_storage().nbytes() for v in opt.state[p].values() if isinstance(v, torch.Tensor))
+    assert state_bytes == 8 * n and paged_adamw.managed_bytes() >= state_bytes
+    assert all(paged_adamw.is_managed(opt.state[p][k]) for k in ("exp_avg", "exp_avg_sq"))
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    try:
+        hog = torch.empty(free_before_state - state_bytes // 2, dtype=torch.uint8, device="cuda")
+    except torch.OutOfMemoryError as e:
+        pytest.fail(f"the driver did not evict managed optimizer pages to make room: {e}")
+    hog.fill_(1)
+    torch.cuda.synchronize()
+    del hog
+    torch.cuda.empty_cache()
+    p.grad, ref.grad = grads[1], grads[1]
+    opt.step()  # prefetch / page faults bring the evicted pages back
+    torch_opt.step()
+    assert ulps(p, ref) <= 4
+    assert ulps(opt.state[p]["exp_avg_sq"], torch_opt.state[ref]["exp_avg_sq"]) <= 4

@@ -1,0 +1,322 @@
+"""train.py: masks per row format, the chunked loss against a full cross-entropy, packing without
+cross-row attention, gradient accumulation, loss falling, bit-exact resume, adapters that load back,
+the no-argument demo wiring, and bad input failing before anything is written."""
+import json
+import math
+import shutil
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from conftest import HF, ROOT
+
+import llama
+import lora
+import train
+
+GQA = HF / "gqa"
+FAST = ["--lora-r", "8", "--lora-alpha", "16", "--dtype", "float32", "--optim", "adamw"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # The fixture models' matmuls are tiny: OpenMP fork/join costs more than it saves, and on a busy
+    # 2-core machine a second thread waiting at a barrier makes each op ~100x slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return llama.Tokenizer.from_dir(GQA)
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def memorize_rows(n=8):
+    return [{"prompt": f"Q{i}: what is {i} plus {i}?", "completion": f" It is {2 * i}."} for i in range(n)]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tokenization and masks
+
+def split_by_mask(ids, trained, tok):
+    """(untrained text, trained text), each the concatenation of its runs."""
+    return (tok.decode([i for i, t in zip(ids, trained) if not t]), tok.decode([i for i, t in zip(ids, trained) if t]))
+
+
+def test_prompt_completion_mask(tok):
+    ids, trained = train.tokenize_row({"prompt": "Say hi:", "completion": " hi there"}, "x:1", tok)
+    prompt, completion = tok.encode("Say hi:"), tok.encode(" hi there")
+    assert ids == [tok.bos_id] + prompt + completion + [tok.eos_ids[0]]  # the fixture tokenizer adds BOS
+    assert trained == [False] * (1 + len(prompt)) + [True] * (len(completion) + 1)  # EOS is trained on
+
+
+def test_text_mask_trains_on_everything_but_the_first_token(tok):
+    ids, trained = train.tokenize_row({"text": "hello world"}, "x:1", tok)
+    assert ids == [tok.bos_id] + tok.encode("hello world") + [tok.eos_ids[0]]
+    assert trained == [False] + [True] * (len(ids) - 1)
+    # a text that already ends with EOS (guanaco's "... </s>") gets no second one, nor a second BOS
+    ids2, _ = train.tokenize_row({"text": "<|begin_of_text|>hello world<|end_of_text|>"}, "x:1", tok)
+    assert ids2 == ids
+
+
+def test_instruction_mask_uses_the_alpaca_prompt(tok):
+    row = {"instruction": "Add the numbers.", "input": "2 3", "output": "5"}
+    ids, trained = train.tokenize_row(row, "x:1", tok)
+    untrained, trained_text = split_by_mask(ids, trained, tok)
+    assert untrained == "<|begin_of_text|>" + train.ALPACA_PROMPT.format(instruction="Add the numbers.", input="2 3")
+    assert trained_text == "5<|end_of_text|>"
+    ids, trained = train.tokenize_row({"instruction": "Say 5.", "output": "5"}, "x:1", tok)
+    assert split_by_mask(ids, trained, tok)[0].endswith("### Instruction:\nSay 5.\n\n### Response: ")
+
+
+def test_messages_mask_trains_on_assistant_turns_only(tok):
+    # fixture template: {bos}<|role|>\n{content}{eos}\n per message; generation prompt "<|assistant|>\n"
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Bye"},
+                {"role": "assistant", "content": "Goodbye"}]
+    ids, trained = train.tokenize_row({"messages": messages}, "x:1", tok)
+    eos = "<|end_of_text|>"
+    assert tok.decode(ids) == tok.apply_chat_template(messages)  # nothing added or lost
+    runs, start = [], 0  # maximal runs of equal mask, decoded
+    for t in range(1, len(ids) + 1):
+        if t == len(ids) or trained[t] != trained[start]:
+            runs.append((trained[start], tok.decode(ids[start:t])))
+            start = t
+    assert runs == [
+        (False, f"<|begin_of_text|><|system|>\nBe brief.{eos}\n<|user|>\nHi{eos}\n<|assistant|>\n"),
+        (True, f"Hello{eos}\n"),
+        (False, f"<|user|>\nBye{eos}\n<|assistant|>\n"),
+        (True, f"Goodbye{eos}\n"),
+    ]
+    assert ids.count(tok.bos_id) == 1 and ids[-2] == tok.eos_ids[0]  # the template's EOS; none appended
+
+
+def test_collate_shifts_targets_and_pads(tok):
+    examples = [([5, 6, 7, 8], [False, False, True, True]), ([9, 10], [False, True])]
+    batch = train.collate(examples, pad_id=2)
+    assert torch.equal(batch["input_ids"], torch.tensor([[5, 6, 7, 8], [9, 10, 2, 2]]))
+    I = train.IGNORE
+    assert torch.equal(batch["targets"], torch.tensor([[I, 7, 8, I], [10, I, I, I]]))
+    assert batch["tokens"] == 6
+
+
+def test_truncation_is_counted_and_rows_without_targets_dropped(tok):
+    rows = [({"prompt": "a " * 50, "completion": "b"}, "f:1"), ({"prompt": "x", "completion": "y " * 50}, "f:2"),
+            ({"prompt": "x", "completion": "y"}, "f:3")]
+    examples, counts = train.tokenize_rows(rows, tok, seq_len=20)
+    assert counts == {"rows": 3, "truncated": 2, "without_targets": 1}
+    assert [len(ids) for ids, _ in examples] == [20, len(train.tokenize_row(rows[2][0], "", tok)[0])]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loss
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_cross_entropy_matches_full_logits(dtype):
+    torch.manual_seed(0)
+    N, C, V = 37, 16, 50
+    h = torch.randn(N, C, dtype=dtype, requires_grad=True)
+    w = torch.randn(V, C, dtype=dtype)
+    y = torch.randint(0, V, (N,))
+    loss = train.LMHeadCrossEntropy.apply(h, w, y, 8)  # 5 chunks, the last one partial
+    (loss / N).backward()
+    h_ref = h.detach().clone().requires_grad_()
+    ref = F.cross_entropy(F.linear(h_ref, w).float(), y, reduction="sum")
+    (ref / N).backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-5)
+    # the gradient's only difference from autograd's is fp32 vs `dtype` storage of softmax - onehot
+    tol = {torch.float32: (1e-6, 1e-7), torch.bfloat16: (1e-2, 1e-3)}[dtype]
+    torch.testing.assert_close(h.grad.float(), h_ref.grad.float(), rtol=tol[0], atol=tol[1])
+
+
+def test_packing_has_no_attention_across_rows(tok):
+    model = llama.from_pretrained(GQA, quant=None, dtype=torch.float32)
+    rows = [{"prompt": "one two", "completion": " three"}, {"text": "four five six seven"},
+            {"prompt": "eight", "completion": " nine ten"}]
+    examples = [train.tokenize_row(r, "", tok) for r in rows]
+    packed = train.collate(examples, tok.pad_id, seq_len=64, packing=True)
+    assert packed["input_ids"].shape[0] == 1  # all three rows share one block
+    loss, n = train.lm_loss_sum(model, packed)
+    separate = [train.lm_loss_sum(model, train.collate([e], tok.pad_id)) for e in examples]
+    assert n == sum(k for _, k in separate)
+    torch.testing.assert_close(loss, sum(l for l, _ in separate), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Schedule
+
+def test_lr_schedules():
+    f = train.lr_factor
+    assert [f(s, 100, 4, "constant") for s in (0, 1, 3, 4, 99)] == [0.25, 0.5, 1.0, 1.0, 1.0]
+    assert f(4, 100, 4, "cosine") == 1.0 and f(52, 100, 4, "cosine") == pytest.approx(0.5)
+    assert f(99, 100, 4, "cosine") == pytest.approx(0.5 * (1 + math.cos(math.pi * 95 / 96)))
+    assert f(4, 100, 4, "linear") == 1.0 and f(52, 100, 4, "linear") == pytest.approx(0.5)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Whole runs (in-process)
+
+def test_loss_falls_and_adapter_loads_back(tmp_path, tok):
+    data = write_jsonl(tmp_path / "d.jsonl", memorize_rows())
+    out = tmp_path / "run"
+    train.main(["--model", str(GQA), "--data", str(data), "--output-dir", str(out), "--max-steps", "40",
+                "--lr", "1e-2", "--lora-r", "8", "--lora-dropout", "0", "--batch-size", "4", "--grad-accum", "1",
+                "--dtype", "float32", "--eval-fraction", "0.25", "--eval-every", "20"])  # default optimizer
+    m = metrics(out)
+    assert [r["step"] for r in m] == list(range(1, 41))
+    assert m[-1]["loss"] < 0.2 * m[0]["loss"], (m[0]["loss"], m[-1]["loss"])
+    assert {"step", "loss", "lr", "tokens", "elapsed_s"} <= set(m[0]) and "eval_loss" in m[19] and "eval_loss" in m[39]
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-40"]
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(GQA.resolve()) and config["r"] == 8
+    assert json.loads((out / "train_config.json").read_text())["quant"] == "nf4"
+
+    # a fresh 4-bit model with the saved adapter reproduces the run's final eval loss
+    model = llama.from_pretrained(GQA, quant="nf4", dtype=torch.float32)
+    lora.load_adapter(model, out)
+    saved = load_file(out / "adapter_model.safetensors")
+    assert torch.equal(saved["base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"],
+                       model.model.layers[1].mlp.down_proj.lora_B.weight)
+    assert all(v.abs().sum() > 0 for k, v in saved.items() if "lora_B" in k)  # B moved away from zero
+    cfg = train.TrainConfig(**json.loads((out / "train_config.json").read_text()))
+    examples, _ = train.tokenize_rows(train.read_rows(str(data)), tok, cfg.seq_len)
+    _, held_out = train.split_eval(examples, cfg.eval_fraction, cfg.seed)
+    assert len(held_out) == 2
+    torch.testing.assert_close(train.eval_loss(model, held_out, cfg, tok.pad_id), m[-1]["eval_loss"],
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_resume_equals_uninterrupted_run(tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", memorize_rows(12))
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    args = ["--model", str(GQA), "--data", str(data), "--max-steps", "6", "--save-every", "2",
+            "--save-total-limit", "2", "--batch-size", "2", "--grad-accum", "2", "--lr", "5e-3",
+            "--lr-scheduler", "cosine", "--warmup-ratio", "0.3", "--lora-r", "4", "--dtype", "bfloat16"]
+    train.main(args + ["--output-dir", str(full)])  # dropout 0.1 and a 2-epoch data order: RNG and position
+    assert sorted(p.name for p in full.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]
+    resumed.mkdir()
+    shutil.copytree(full / "checkpoint-4", resumed / "checkpoint-4")  # as if the run had died after step 4
+    train.main(["--resume", str(resumed / "checkpoint-4")])  # every other setting comes from the checkpoint
+    a, b = metrics(full), metrics(resumed)
+    assert [r["step"] for r in b] == [5, 6]
+    assert [(r["loss"], r["lr"], r["tokens"]) for r in b] == [(r["loss"], r["lr"], r["tokens"]) for r in a[4:]]
+    fa, fb = load_file(full / "adapter_model.safetensors"), load_file(resumed / "adapter_model.safetensors")
+    assert fa.keys() == fb.keys() and all(torch.equal(fa[k], fb[k]) for k in fa)  # bit-exact
+    oa = torch.load(full / "checkpoint-6" / "optimizer.pt", weights_only=True)["optimizer"]["state"]
+    ob = torch.load(resumed / "checkpoint-6" / "optimizer.pt", weights_only=True)["optimizer"]["state"]
+    assert all(torch.equal(oa[i]["exp_avg"], ob[i]["exp_avg"]) for i in oa)
+
+
+def test_accumulation_normalizes_by_all_supervised_tokens(tmp_path):
+    # rows of very different lengths: averaging per micro-batch would weight them differently
+    rows = [{"prompt": "p", "completion": " x" * (1 + 7 * (i % 2))} for i in range(8)]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    common = ["--model", str(GQA), "--data", str(data), "--max-steps", "2", "--lr", "1e-2",
+              "--lora-dropout", "0", "--save-every", "0", *FAST]
+    train.main(common + ["--output-dir", str(tmp_path / "a"), "--batch-size", "4", "--grad-accum", "1"])
+    train.main(common + ["--output-dir", str(tmp_path / "b"), "--batch-size", "1", "--grad-accum", "4"])
+    a, b = metrics(tmp_path / "a"), metrics(tmp_path / "b")
+    assert a[0]["loss"] == pytest.approx(b[0]["loss"], rel=1e-5) and a[1]["loss"] == pytest.approx(b[1]["loss"], rel=1e-5)
+    fa, fb = load_file(tmp_path / "a" / "adapter_model.safetensors"), load_file(tmp_path / "b" / "adapter_model.safetensors")
+    for k in fa:
+        torch.testing.assert_close(fa[k], fb[k], rtol=1e-4, atol=1e-6)
+
+
+def test_messages_data_and_nan_stop(tmp_path):
+    rows = [{"messages": [{"role": "user", "content": f"hi {i}"}, {"role": "assistant", "content": f"yo {i}"}]}
+            for i in range(4)]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    with pytest.raises(FloatingPointError, match="loss became"):
+        train.main(["--model", str(GQA), "--data", str(data), "--output-dir", str(tmp_path / "o"), "--lr", "1e30",
+                    "--max-steps", "4", "--max-grad-norm", "0", *FAST])
+
+
+def test_no_argument_run_uses_the_demo(tmp_path, monkeypatch, capsys):
+    rows = [{"messages": [{"role": "user", "content": f"n{i}"}, {"role": "assistant", "content": f"{i}"}]}
+            for i in range(6)]
+    calls = []
+
+    def evaluate(model, tokenizer, eval_rows):
+        calls.append(model.training)
+        return 50.0 * len(calls), [r["messages"][-1]["content"] for r in eval_rows]
+
+    demo = types.SimpleNamespace(
+        prepare=lambda: (GQA, write_jsonl(tmp_path / "demo.jsonl", rows), rows[:2]), evaluate=evaluate,
+        DEMO_TRAIN_DEFAULTS={"max_steps": 2, "batch_size": 2, "grad_accum": 1, "lora_r": 4, "dtype": "float32"})
+    monkeypatch.setitem(sys.modules, "demo_task", demo)
+    monkeypatch.chdir(tmp_path)
+    out = train.main(["--lora-r", "2"])  # a flag typed by the user beats the demo's value
+    assert out.parent.name == "runs" and (out / "adapter_config.json").is_file()
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == 2
+    assert len(metrics(out)) == 2 and calls == [False, False]  # evaluated in eval mode, before and after
+    printed = capsys.readouterr().out
+    assert "before 50.0% -> after 100.0%" in printed and printed.count("--- sample") == 2
+
+
+# ---------------------------------------------------------------------------------------------------
+# Bad input: a clear error, and no output directory
+
+def test_bad_inputs_write_nothing(tmp_path, capsys):
+    out = tmp_path / "out"
+    base = ["--model", str(GQA), "--output-dir", str(out), *FAST]
+    good = write_jsonl(tmp_path / "good.jsonl", memorize_rows(2))
+
+    with pytest.raises(SystemExit) as e:
+        train.main(base + ["--data", str(good), "--lerning-rate", "1"])
+    assert e.value.code == 2 and "unrecognized arguments: --lerning-rate" in capsys.readouterr().err
+
+    with pytest.raises(FileNotFoundError, match="missing.jsonl: no such file"):
+        train.main(base + ["--data", str(tmp_path / "missing.jsonl")])
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": "broken"\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: malformed JSON"):
+        train.main(base + ["--data", str(bad)])
+
+    wrong = write_jsonl(tmp_path / "wrong.jsonl", [{"text": "ok"}, {"question": "?"}])
+    with pytest.raises(ValueError, match=r"wrong.jsonl:2: unrecognised row with keys \['question'\]"):
+        train.main(base + ["--data", str(wrong)])
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(ValueError, match="the dataset is empty"):
+        train.main(base + ["--data", str(empty)])
+
+    no_weights = tmp_path / "no_weights"
+    no_weights.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(GQA / name, no_weights / name)
+    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+        train.main(["--model", str(no_weights), "--data", str(good), "--output-dir", str(out)])
+
+    with pytest.raises(ValueError, match="--lora-r must be > 0"):
+        train.main(base + ["--data", str(good), "--lora-r", "0"])
+    assert not out.exists()
+
+
+def test_cli_help_and_unknown_flag():
+    help_run = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert help_run.returncode == 0
+    for name in train.FIELDS:
+        assert "--" + name.replace("_", "-") in help_run.stdout
+    assert "--no-gradient-checkpointing" in help_run.stdout
+    assert "(default: paged_adamw_32bit)" in " ".join(help_run.stdout.split())  # help text is line-wrapped
+    bad = subprocess.run([sys.executable, "train.py", "--model", str(GQA), "--bogus"], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "unrecognized arguments: --bogus" in bad.stderr

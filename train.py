@@ -1,0 +1,827 @@
+"""QLoRA fine-tuning, end to end: data -> masked token ids -> 4-bit base + LoRA -> paged AdamW -> adapters.
+
+    python train.py                                   # offline demo (issue 8): a real model, an embedded task
+    python train.py --model meta-llama/Llama-2-7b-hf  # the QLoRA recipe on mlabonne/guanaco-llama2-1k
+    python train.py --model DIR --data rows.jsonl --output-dir out --max-steps 100 --resume auto
+
+What one optimizer step computes (QLoRA arXiv:2305.14314 §3, LoRA arXiv:2106.09685 §4.1):
+
+    y_t      = next token,  m_t = 1 if y_t is trained on (completion / assistant / text), else 0
+    loss     = sum_{micro-batches} sum_t m_t * CE(lm_head(h_t), y_t)  /  sum_{micro-batches} sum_t m_t
+    W_lora  <- AdamW(W_lora, clip(grad, 0.3), lr(step))       (frozen NF4 base, fp32 adapters)
+    lr(s)    = lr * min(1, (s+1)/warmup) * {1 | cosine | linear decay}, warmup = ceil(3% of the steps)
+
+The denominator counts supervised tokens across the whole accumulated batch, so gradient accumulation
+gives the gradient of one big batch (averaging per micro-batch would weight short micro-batches up).
+
+Defaults are the QLoRA recipe (§4, Appendix B: NF4 + double quant, LoRA r 64 / alpha 16 / dropout 0.1 on
+every linear layer, lr 2e-4 constant, max grad norm 0.3, paged AdamW, gradient checkpointing, batch 16).
+
+Things a reader might look for, and where they are:
+- Masks are built while tokenizing: each row is a list of (text, trained?) segments tokenized one by
+  one; chat rows are rendered prefix by prefix with the chat template (never by searching for template
+  text in the output). EOS is appended and trained on, whatever the pad token is (pad = eos with the
+  eos masked out trains a model that never stops).
+- The loss never materializes fp32 logits for the whole batch: only supervised positions are gathered,
+  and `LMHeadCrossEntropy` runs the output head chunk by chunk, computing each chunk's gradient in the
+  same pass (as Liger's fused linear cross-entropy does) so no logits are kept for backward.
+- Packing (`--packing`) concatenates rows into `--seq-len` blocks with per-row position ids and a
+  block-diagonal causal mask, so rows never attend to each other.
+- Checkpoints hold everything a bit-exact resume needs: adapter (PEFT layout), optimizer state, step,
+  data position (epoch, batch; the shuffle is a pure function of seed and epoch), RNG states. The LR
+  schedule is a pure function of the step, so the step is its whole state.
+
+Left out on purpose: multi-GPU, length-grouped sampling, evaluation beyond loss (the demo's accuracy).
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+from tqdm import tqdm
+
+import llama
+import lora
+
+DEFAULT_DATASET = "mlabonne/guanaco-llama2-1k"  # the classic QLoRA Colab's 1k-row Guanaco subset
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".txt")
+IGNORE = -100  # target id for positions that are not trained on
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+# QLoRA's own prompt for Alpaca-style rows (qlora.py ALPACA_PROMPT_DICT, after Stanford Alpaca).
+ALPACA_PROMPT = ("Below is an instruction that describes a task, paired with an input that provides further "
+                 "context. Write a response that appropriately completes the request.\n\n"
+                 "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response: ")
+ALPACA_PROMPT_NO_INPUT = ("Below is an instruction that describes a task. Write a response that appropriately "
+                          "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response: ")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Configuration: this dataclass is the one source of defaults; the CLI is generated from it.
+
+def _flag(default, help, **argparse_kwargs):
+    return field(default=default, metadata={"help": help, **argparse_kwargs})
+
+
+@dataclass
+class TrainConfig:
+    model: str = _flag(None, "hub id or local directory of a Llama checkpoint; omitted: the offline demo "
+                             "(SmolLM2-135M-Instruct on an embedded task)", type=str)
+    revision: str = _flag(None, "hub revision (branch, tag or commit) of --model", type=str)
+    data: str = _flag(None, "a .jsonl/.json/.parquet/.txt file or a hub dataset id; rows are {text}, "
+                            "{prompt, completion}, {instruction, input, output} or {messages}; default: "
+                            f"{DEFAULT_DATASET} (the demo's own data without --model)", type=str)
+    data_split: str = _flag("train", "split of a hub dataset (or a directory of data files) to train on")
+    output_dir: str = _flag(None, "where adapters, checkpoints and metrics go; default runs/<YYYYmmdd-HHMMSS>",
+                            type=str)
+    quant: str = _flag("nf4", "4-bit data type of the frozen base (QLoRA §3 NF4), or none for plain LoRA",
+                       choices=["nf4", "fp4", "none"])
+    double_quant: bool = _flag(True, "quantize the 4-bit block constants again (QLoRA §3, ~0.37 bit/param)")
+    blocksize: int = _flag(64, "weights per 4-bit block (QLoRA §3)")
+    lora_r: int = _flag(64, "LoRA rank (QLoRA Appendix B)")
+    lora_alpha: float = _flag(16.0, "LoRA alpha; the update is scaled by alpha/r")
+    lora_dropout: float = _flag(0.1, "dropout on the LoRA branch (QLoRA: 0.1 up to 13B, 0.05 above)")
+    lora_targets: str = _flag("all-linear", "layers to adapt: all-linear (every linear but lm_head, QLoRA §4), "
+                                            "a comma list of names like q_proj,v_proj, or a regex")
+    use_rslora: bool = _flag(False, "scale by alpha/sqrt(r) instead of alpha/r (rsLoRA)")
+    optim: str = _flag("paged_adamw_32bit", "optimizer (QLoRA §3: paged optimizers)",
+                       choices=["paged_adamw_32bit", "paged_adamw_8bit", "adamw"])
+    lr: float = _flag(2e-4, "peak learning rate (QLoRA Appendix B)")
+    lr_scheduler: str = _flag("constant", "schedule after warmup", choices=["constant", "cosine", "linear"])
+    warmup_ratio: float = _flag(0.03, "fraction of the steps spent warming the lr up linearly")
+    weight_decay: float = _flag(0.0, "AdamW decoupled weight decay")
+    max_grad_norm: float = _flag(0.3, "clip the global gradient norm to this (QLoRA Appendix B); 0 disables")
+    batch_size: int = _flag(4, "rows per micro-batch")
+    grad_accum: int = _flag(4, "micro-batches per optimizer step")
+    seq_len: int = _flag(512, "maximum tokens per row (longer rows are truncated and counted)")
+    max_steps: int = _flag(0, "optimizer steps to run; 0: --epochs passes over the data")
+    epochs: int = _flag(1, "passes over the data when --max-steps is 0")
+    packing: bool = _flag(False, "pack rows into --seq-len blocks (no attention across rows)")
+    gradient_checkpointing: bool = _flag(True, "recompute each decoder layer in backward instead of storing it")
+    eval_fraction: float = _flag(0.0, "fraction of the rows held out for eval loss")
+    eval_every: int = _flag(0, "evaluate every N steps (0: only at the end); needs --eval-fraction")
+    log_every: int = _flag(1, "write a metrics.jsonl line every N steps")
+    save_every: int = _flag(250, "write checkpoint-<step>/ every N steps (and always at the end); 0: end only")
+    save_total_limit: int = _flag(3, "keep only the newest N checkpoint dirs; 0 keeps all")
+    resume: str = _flag(None, "continue from a checkpoint-<step> dir, or 'auto' for the newest in --output-dir",
+                        type=str)
+    device: str = _flag("auto", "auto: CUDA if available, else CPU (slow)", choices=["auto", "cuda", "cpu"])
+    dtype: str = _flag("auto", "compute dtype; auto: bf16 where the hardware has it, else fp16 with loss "
+                               "scaling on GPU, fp32 on CPU", choices=["auto", *DTYPES])
+    seed: int = _flag(42, "seed for LoRA init, dropout and the data order")
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="train.py", description=__doc__.split("\n\n")[0], allow_abbrev=False,
+        # SUPPRESS: the namespace then holds only the flags the user typed, so defaults can be layered
+        # (dataclass < demo defaults < a resumed run's config < command line) without a second table.
+        argument_default=argparse.SUPPRESS)
+    for f in FIELDS.values():
+        meta = dict(f.metadata)
+        help_text = f"{meta.pop('help')} (default: {f.default})"
+        flag = "--" + f.name.replace("_", "-")
+        if f.type is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
+        else:
+            meta.setdefault("type", f.type)
+            parser.add_argument(flag, help=help_text, metavar=f.name.upper(), **meta)
+    return parser
+
+
+def validate(cfg):
+    positive = ["blocksize", "lora_r", "batch_size", "grad_accum", "epochs", "log_every"]
+    for name in positive:
+        if getattr(cfg, name) <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(cfg, name)}")
+    for name in ["max_steps", "eval_every", "save_every", "save_total_limit", "weight_decay", "max_grad_norm"]:
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
+    if cfg.seq_len < 2:
+        raise ValueError(f"--seq-len must be >= 2 (a token and its successor), got {cfg.seq_len}")
+    if not 0 <= cfg.lora_dropout < 1 or not 0 <= cfg.warmup_ratio < 1 or not 0 <= cfg.eval_fraction < 1:
+        raise ValueError("--lora-dropout, --warmup-ratio and --eval-fraction must be in [0, 1)")
+    if cfg.lr <= 0:
+        raise ValueError(f"--lr must be > 0, got {cfg.lr}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Data: rows from files or the hub, each tokenized into ids and a "trained on" mask.
+
+def _data_files(root, split):
+    """The data files of `split` under a directory laid out like a hub dataset (data/train-*.parquet,
+    train.jsonl, train/part-0.json ...); a directory with no split names at all is one split."""
+    files = sorted(p for p in Path(root).rglob("*") if p.suffix in DATA_SUFFIXES and p.is_file()
+                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
+
+    def split_of(p):
+        for part in [*p.relative_to(root).parent.parts, p.stem]:
+            name = part.split("-")[0].split("_")[0].split(".")[0]
+            if name in ("train", "test", "validation", "valid", "dev", "eval"):
+                return name
+        return None
+
+    chosen = [p for p in files if split_of(p) == split]
+    if not chosen and split == "train" and files and all(split_of(p) is None for p in files):
+        chosen = files
+    if not chosen:
+        found = ", ".join(str(p.relative_to(root)) for p in files[:8]) or "none"
+        raise FileNotFoundError(f"no data files for split {split!r} in {root} (found: {found}); "
+                                f"pick one with --data-split")
+    return chosen
+
+
+def read_rows(source, split="train"):
+    """[(row dict, "file:line")] from a local file or directory, or a hub dataset id."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        files = _data_files(path, split)
+    elif path.is_file():
+        if path.suffix not in DATA_SUFFIXES:
+            raise ValueError(f"--data {source}: unsupported file type; use one of {', '.join(DATA_SUFFIXES)}")
+        files = [path]
+    elif path.suffix in DATA_SUFFIXES or source.startswith((".", "/", "~")) or source.count("/") != 1:
+        raise FileNotFoundError(f"--data {source}: no such file (and not a hub dataset id like owner/name)")
+    else:
+        import huggingface_hub
+        try:
+            snapshot = huggingface_hub.snapshot_download(
+                source, repo_type="dataset", allow_patterns=[f"*{s}" for s in DATA_SUFFIXES])
+        except Exception as e:  # offline, unknown repo, gated ... all mean the same to the user
+            raise FileNotFoundError(f"--data {source}: could not get this hub dataset ({type(e).__name__}: "
+                                    f"{e}); check the id, your network / HF_HUB_OFFLINE, or pass a local file") from e
+        files = _data_files(snapshot, split)
+    rows = []
+    for f in files:
+        rows += _read_file(f)
+    if not rows:
+        raise ValueError(f"--data {source}: the dataset is empty (no rows in {', '.join(map(str, files))})")
+    return rows
+
+
+def _read_file(path):
+    if path.suffix == ".jsonl":
+        rows = []
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append((json.loads(line), f"{path}:{number}"))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{number}: malformed JSON ({e.msg} at column {e.colno})") from None
+        return rows
+    if path.suffix == ".json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
+        if not isinstance(data, list):
+            raise ValueError(f"{path}: expected a JSON list of row objects, got {type(data).__name__}")
+        return [(row, f"{path}: row {i}") for i, row in enumerate(data)]
+    if path.suffix == ".parquet":
+        import pyarrow.parquet
+        return [(row, f"{path}: row {i}") for i, row in enumerate(pyarrow.parquet.read_table(path).to_pylist())]
+    # .txt: paragraphs (separated by blank lines) are rows of plain text, trained on entirely
+    rows, start, lines = [], None, path.read_text(encoding="utf-8").splitlines() + [""]
+    for number, line in enumerate(lines, 1):
+        if line.strip() and start is None:
+            start = number
+        elif not line.strip() and start is not None:
+            rows.append(({"text": "\n".join(lines[start - 1:number - 1])}, f"{path}:{start}"))
+            start = None
+    return rows
+
+
+def _segments(row, where, tokenizer):
+    """The row as [(text, trained?)] pieces whose concatenation is the training text."""
+    def text(key):
+        if not isinstance(row.get(key), str):
+            raise ValueError(f"{where}: field {key!r} must be a string, got {type(row.get(key)).__name__}")
+        return row[key]
+
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: expected a JSON object per row, got {type(row).__name__}")
+    if "messages" in row:
+        return _chat_segments(row["messages"], where, tokenizer)
+    if "prompt" in row and "completion" in row:
+        return [(text("prompt"), False), (text("completion"), True)]
+    if "instruction" in row and "output" in row:
+        template = ALPACA_PROMPT if row.get("input") else ALPACA_PROMPT_NO_INPUT
+        prompt = template.format(instruction=text("instruction"), input=row.get("input") or "")
+        return [(prompt, False), (text("output"), True)]
+    if "text" in row:
+        return [(text("text"), True)]
+    raise ValueError(f"{where}: unrecognised row with keys {sorted(row)}; expected {{text}}, "
+                     "{prompt, completion}, {instruction, input, output} or {messages}")
+
+
+def _chat_segments(messages, where, tokenizer):
+    """Render the conversation prefix by prefix: the text a prefix adds is one segment, trained on only
+    when it is an assistant turn (its generation prompt, e.g. "<|assistant|>\\n", is not)."""
+    if tokenizer.chat_template is None:
+        raise ValueError(f"{where}: a messages row needs a chat template, and this model's tokenizer has none")
+    if not (isinstance(messages, list) and messages and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages)):
+        raise ValueError(f"{where}: 'messages' must be a non-empty list of {{role, content}} string objects")
+    segments, done = [], ""
+    for i, message in enumerate(messages):
+        pieces = []
+        if message["role"] == "assistant":
+            prompt = tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True)
+            pieces.append((prompt, False))
+        full = tokenizer.apply_chat_template(messages[:i + 1])
+        pieces.append((full, message["role"] == "assistant"))
+        for rendered, trained in pieces:
+            if not rendered.startswith(done):
+                raise ValueError(f"{where}: the chat template does not render this conversation prefix by "
+                                 f"prefix (turn {i} changes earlier text), so its masks can't be built")
+            segments.append((rendered[len(done):], trained))
+            done = rendered
+    return segments
+
+
+def tokenize_row(row, where, tokenizer):
+    """(ids, trained) lists: trained[t] says whether ids[t] is a target (predicted from ids[:t])."""
+    ids, trained = [], []
+    # BOS as the model's own tokenizer adds it (Llama 2/3 yes, SmolLM2 no); chat templates write their own
+    bos = tokenizer.adds_bos and not (isinstance(row, dict) and "messages" in row)
+    piece, train = [], False
+    for text, train in _segments(row, where, tokenizer):
+        piece = tokenizer.encode(text, add_bos=bos and not ids)  # no second BOS if the text starts with one
+        ids += piece
+        trained += [train] * len(piece)
+    # Learning to stop is learning too: a trained ending gets an EOS unless it has one already (a chat
+    # template's end of turn, or a text ending in "</s>"). pad = eos does not matter: masks come from here.
+    if train and not any(t in tokenizer.eos_ids for t in piece):
+        ids.append(tokenizer.eos_ids[0])
+        trained.append(True)
+    if ids:
+        trained[0] = False  # nothing predicts the first token
+    return ids, trained
+
+
+def tokenize_rows(rows, tokenizer, seq_len):
+    """Tokenize every row, truncating to seq_len; returns (examples, counts)."""
+    examples, truncated, empty = [], 0, 0
+    for row, where in rows:
+        ids, trained = tokenize_row(row, where, tokenizer)
+        if len(ids) > seq_len:
+            ids, trained, truncated = ids[:seq_len], trained[:seq_len], truncated + 1
+        if not any(trained):
+            empty += 1  # e.g. a prompt longer than seq_len: nothing left to learn from
+            continue
+        examples.append((ids, trained))
+    return examples, {"rows": len(rows), "truncated": truncated, "without_targets": empty}
+
+
+def collate(examples, pad_id, seq_len=None, packing=False):
+    """Pad (or pack) examples into a batch dict: input_ids, targets (IGNORE where untrained), and for
+    packed batches position_ids and a block-diagonal causal attention mask."""
+    if packing:
+        return _pack(examples, pad_id, seq_len)
+    longest = max(len(ids) for ids, _ in examples)
+    input_ids = torch.full((len(examples), longest), pad_id, dtype=torch.long)  # (B, T)
+    targets = torch.full((len(examples), longest), IGNORE, dtype=torch.long)  # (B, T)
+    for b, (ids, trained) in enumerate(examples):
+        row = torch.tensor(ids)
+        input_ids[b, :len(ids)] = row
+        # targets[t] = the token at t+1 if that token is trained on
+        targets[b, :len(ids) - 1] = torch.where(torch.tensor(trained[1:]), row[1:], IGNORE)
+    return {"input_ids": input_ids, "targets": targets, "tokens": sum(len(ids) for ids, _ in examples)}
+
+
+def _pack(examples, pad_id, seq_len):
+    """Greedy packing in order: a row that does not fit the current block starts a new one."""
+    blocks, current = [], []
+    for ex in examples:
+        if current and sum(len(ids) for ids, _ in current) + len(ex[0]) > seq_len:
+            blocks.append(current)
+            current = []
+        current.append(ex)
+    blocks.append(current)
+    longest = max(sum(len(ids) for ids, _ in block) for block in blocks)
+    batch = collate([(sum((ids for ids, _ in blk), []), sum((tr for _, tr in blk), [])) for blk in blocks], pad_id)
+    position_ids = torch.zeros(len(blocks), longest, dtype=torch.long)  # (B, T)
+    document = torch.full((len(blocks), longest), -1, dtype=torch.long)  # (B, T) row index inside a block
+    for b, block in enumerate(blocks):
+        t = 0
+        for d, (ids, _) in enumerate(block):
+            position_ids[b, t:t + len(ids)] = torch.arange(len(ids))
+            document[b, t:t + len(ids)] = d
+            t += len(ids)
+    # No target crosses a border: a row's first token is never trained on (tokenize_row), so the previous
+    # row's last position already has target IGNORE.
+    causal = torch.ones(longest, longest, dtype=torch.bool).tril()  # (T, T)
+    same = document[:, :, None] == document[:, None, :]  # (B, T, T)
+    batch["attention_mask"] = (same & causal)[:, None]  # (B, 1, T, T) True = may attend
+    batch["position_ids"] = position_ids
+    return batch
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loss: cross-entropy over the supervised positions, through the output head in chunks.
+
+class LMHeadCrossEntropy(torch.autograd.Function):
+    """sum_n CE(h_n @ W^T, y_n) for a frozen head W [V, C], chunk by chunk over the rows of h [N, C].
+
+    Each chunk's logits live only inside the loop: the forward pass also computes the gradient
+    dL/dh = (softmax - onehot) @ W (exact, since the head is frozen) and keeps that [N, C] tensor
+    instead of [N, V] logits. Logits and softmax are fp32; the matmuls run in W's dtype."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk_rows):
+        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad = torch.zeros(h.shape, dtype=torch.float32, device=h.device) if ctx.needs_input_grad[0] else None
+        for start in range(0, h.shape[0], chunk_rows):
+            hc, yc = h[start:start + chunk_rows], targets[start:start + chunk_rows]
+            logits = F.linear(hc.to(weight.dtype), weight).float()  # (n, V) fp32 island
+            lse = logits.logsumexp(dim=-1)  # (n,)
+            loss += (lse - logits.gather(1, yc[:, None]).squeeze(1)).sum()
+            if grad is not None:
+                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                probs[torch.arange(len(yc), device=h.device), yc] -= 1.0
+                grad[start:start + chunk_rows] = F.linear(probs.to(weight.dtype), weight.t()).float()  # (n, C)
+        ctx.save_for_backward(grad)
+        ctx.h_dtype = h.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        (grad,) = ctx.saved_tensors
+        return (grad * grad_loss).to(ctx.h_dtype), None, None, None
+
+
+def _chunk_ce(head, h, targets):
+    return F.cross_entropy(head(h).float(), targets, reduction="sum")
+
+
+def lm_loss_sum(model, batch):
+    """Summed cross-entropy over the batch's supervised positions (fp32 scalar) and their count."""
+    device = model.lm_head.weight.device if hasattr(model.lm_head, "weight") else next(model.parameters()).device
+    targets = batch["targets"].to(device)
+    kwargs = {}
+    if "position_ids" in batch:
+        kwargs = {"attention_mask": batch["attention_mask"].to(device),
+                  "position_ids": batch["position_ids"].to(device)}
+    # Padding is on the right and attention is causal, so real tokens never see a pad: no attention
+    # mask is needed, which keeps the fast causal attention path.
+    hidden = model.hidden_states(batch["input_ids"].to(device), **kwargs)  # (B, T, C)
+    selected = targets != IGNORE  # (B, T)
+    h, y = hidden[selected], targets[selected]  # (N, C), (N,)
+    head = model.lm_head
+    chunk_rows = max(64, (1 << 25) // model.config.vocab_size)  # ~128 MB of fp32 logits per chunk
+    if type(head) is nn.Linear and head.bias is None and not head.weight.requires_grad:
+        loss = LMHeadCrossEntropy.apply(h, head.weight, y, chunk_rows)
+    else:  # a trained head (LoRA on lm_head): recompute each chunk's logits in backward instead
+        loss = sum(checkpoint(_chunk_ce, head, h[s:s + chunk_rows], y[s:s + chunk_rows], use_reentrant=False)
+                   for s in range(0, len(y), chunk_rows))
+    return loss, len(y)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Device, dtype, schedule, optimizer.
+
+def resolve_device(name):
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda, but torch sees no CUDA GPU (is the CUDA build of torch installed?)")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
+        warnings.warn("training on the CPU: fine for tiny models and the demo, very slow for 7B", stacklevel=2)
+    return name
+
+
+def cpu_has_bf16():
+    """bf16 matmuls in hardware (AVX512-BF16 / AMX). Measured on a 2-core AMD Zen 5 (avx512_bf16):
+    a 512x576x1536 matmul runs at ~950 GFLOP/s in bf16 against ~190 in fp32. Without these instructions
+    PyTorch emulates bf16 and fp32 is faster, so auto picks fp32 there."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_dtype(name, device):
+    if name != "auto":
+        return name
+    if device == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    return "bfloat16" if cpu_has_bf16() else "float32"
+
+
+def lr_factor(step, total_steps, warmup_steps, kind):
+    """Multiplier of --lr at optimizer step `step` (0-based): linear warmup, then constant/cosine/linear."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    if kind == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    if kind == "linear":
+        return 1.0 - progress
+    return 1.0
+
+
+def make_optimizer(params, cfg):
+    if cfg.optim == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    import paged_adamw
+    bits = 8 if cfg.optim == "paged_adamw_8bit" else 32
+    return paged_adamw.PagedAdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, optim_bits=bits, paged=True)
+
+
+def load_model(cfg, model_dir, device, dtype):
+    """The frozen base (4-bit unless --quant none) with fresh LoRA adapters, ready to train."""
+    model = llama.from_pretrained(str(model_dir), quant=None if cfg.quant == "none" else cfg.quant,
+                                  dtype=dtype, device=device, double_quant=cfg.double_quant,
+                                  blocksize=cfg.blocksize)
+    targets = cfg.lora_targets  # "all-linear", a regex, or "q_proj,v_proj" (a list of names)
+    if "," in targets or targets.isidentifier():
+        targets = [t.strip() for t in targets.split(",") if t.strip()]
+    lora.add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=targets,
+                  use_rslora=cfg.use_rslora)
+    model.gradient_checkpointing = cfg.gradient_checkpointing
+    return model
+
+
+def peak_memory_gb(device):
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+def memory_estimate(config, cfg, dtype):
+    """A rough device-memory budget from the config alone (bytes), printed at start-up."""
+    C, L, V, I = config.hidden_size, config.num_hidden_layers, config.vocab_size, config.intermediate_size
+    D = getattr(config, "head_dim", None) or C // config.num_attention_heads
+    q, kv = config.num_attention_heads * D, config.num_key_value_heads * D
+    shapes = [(C, q), (C, kv), (C, kv), (q, C), (C, I), (C, I), (I, C)]  # (in, out) of the 7 linears
+    linear = L * sum(i * o for i, o in shapes)
+    item = DTYPES[dtype].itemsize
+    if cfg.quant == "none":
+        bits = 8 * item
+    elif cfg.double_quant:
+        bits = 4 + 8 / cfg.blocksize + 32 / (cfg.blocksize * 256)  # QLoRA §3: 4.127 bits at blocksize 64
+    else:
+        bits = 4 + 32 / cfg.blocksize
+    weights = linear * bits / 8 + V * C * (1 if config.tie_word_embeddings else 2) * item
+    adapters = L * cfg.lora_r * sum(i + o for i, o in shapes) if cfg.lora_targets == "all-linear" else 0
+    optimizer = adapters * (4 + 4 + (2 if cfg.optim == "paged_adamw_8bit" else 8))  # weight, grad, 2 moments
+    tokens = cfg.batch_size * cfg.seq_len
+    layer = tokens * (4 * C + 2 * kv + 3 * I) * item * 2 + cfg.batch_size * config.num_attention_heads * cfg.seq_len ** 2 * 4
+    activations = (L * tokens * C * item + layer) if cfg.gradient_checkpointing else L * layer
+    loss = tokens * C * 4 + min(tokens, max(64, (1 << 25) // V)) * V * 4 * 2
+    total = weights + optimizer + activations + loss
+    return (f"memory estimate: base weights {weights / 2**30:.2f} GiB + adapters and optimizer "
+            f"{optimizer / 2**20:.0f} MiB + activations {activations / 2**30:.2f} GiB + loss "
+            f"{loss / 2**20:.0f} MiB = ~{total / 2**30:.2f} GiB (+ framework overhead)")
+
+
+def show_example(ids, trained, tokenizer):
+    """Decode a row with its untrained part in [[double brackets]]."""
+    out, start = [], 0
+    for t in range(1, len(ids) + 1):
+        if t == len(ids) or trained[t] != trained[start]:
+            piece = tokenizer.decode(ids[start:t])
+            out.append(piece if trained[start] else f"[[{piece}]]")
+            start = t
+    return "".join(out)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checkpoints: written into a temp dir and renamed, so a checkpoint-<step>/ dir is always complete.
+
+def save_checkpoint(out_dir, step, model, optimizer, scaler, state, base_name, keep):
+    final, tmp = out_dir / f"checkpoint-{step}", out_dir / f".checkpoint-{step}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    lora.save_adapter(model, tmp, base_name)
+    torch.save({"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None},
+               tmp / "optimizer.pt")
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
+           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    torch.save(rng, tmp / "rng_state.pt")
+    (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    if keep:
+        for old in sorted(out_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[:-keep]:
+            shutil.rmtree(old)
+
+
+def find_checkpoint(resume, output_dir):
+    if resume != "auto":
+        path = Path(resume)
+        if not (path / "trainer_state.json").is_file():
+            raise FileNotFoundError(f"--resume {resume}: not a checkpoint (no trainer_state.json); "
+                                    "pass a checkpoint-<step> directory or 'auto'")
+        return path
+    if output_dir is None:
+        raise ValueError("--resume auto needs --output-dir (the run to continue)")
+    found = [p for p in Path(output_dir).glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
+    return max(found, key=lambda p: int(p.name.split("-")[1])) if found else None
+
+
+def write_atomic(path, text):
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def plot_losses(out_dir):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    lines = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([m["step"] for m in lines], [m["loss"] for m in lines], label="train")
+    evals = [m for m in lines if "eval_loss" in m]
+    if evals:
+        ax.plot([m["step"] for m in evals], [m["eval_loss"] for m in evals], "o-", label="eval")
+    ax.set(xlabel="step", ylabel="loss", title=out_dir.name)
+    ax.legend()
+    fig.savefig(out_dir / ".loss.png.tmp.png", dpi=100)
+    plt.close(fig)
+    os.replace(out_dir / ".loss.png.tmp.png", out_dir / "loss.png")
+    return out_dir / "loss.png"
+
+
+# ---------------------------------------------------------------------------------------------------
+# The run.
+
+def batch_order(n_rows, batch_size, grad_accum, seed, epoch):
+    """Optimizer steps of one epoch as lists of micro-batches of row indices; a pure function of its
+    arguments, so a resumed run regenerates the same order."""
+    order = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    micro = [order[i:i + batch_size] for i in range(0, n_rows, batch_size)]
+    return [micro[i:i + grad_accum] for i in range(0, len(micro), grad_accum)]
+
+
+def split_eval(examples, fraction, seed):
+    """(train, eval) examples: a seeded random `fraction` held out, both kept in file order."""
+    n_eval = int(len(examples) * fraction)
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [examples[i] for i in sorted(order[n_eval:])], [examples[i] for i in sorted(order[:n_eval])]
+
+
+@torch.no_grad()
+def eval_loss(model, examples, cfg, pad_id):
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(examples), cfg.batch_size):
+        loss, n = lm_loss_sum(model, collate(examples[i:i + cfg.batch_size], pad_id, cfg.seq_len, cfg.packing))
+        total, count = total + loss.item(), count + n
+    model.train()
+    return total / count
+
+
+def resolve_config(argv):
+    """TrainConfig from (lowest to highest priority) the dataclass, the demo's defaults when --model is
+    omitted, a resumed checkpoint's config, and the command line. Returns (cfg, demo)."""
+    given = vars(build_parser().parse_args(argv))
+    values = {name: f.default for name, f in FIELDS.items()}
+    demo = None
+    resume_from = find_checkpoint(given["resume"], given.get("output_dir")) if given.get("resume") else None
+    if resume_from is not None:  # continue with the run's own settings unless overridden now
+        saved = json.loads((resume_from / "trainer_state.json").read_text())["config"]
+        values.update({k: v for k, v in saved.items() if k in FIELDS})
+        values["output_dir"] = str(resume_from.parent)
+    elif given.get("model") is None:
+        import demo_task
+        model_dir, train_file, eval_rows = demo_task.prepare()
+        unknown = sorted(set(k.replace("-", "_") for k in demo_task.DEMO_TRAIN_DEFAULTS) - set(FIELDS))
+        if unknown:
+            raise ValueError(f"demo_task.DEMO_TRAIN_DEFAULTS has keys train.py doesn't know: {unknown}")
+        values.update({k.replace("-", "_"): v for k, v in demo_task.DEMO_TRAIN_DEFAULTS.items()})
+        values["model"] = str(model_dir)
+        if given.get("data") is None:
+            values["data"] = str(train_file)
+            demo = eval_rows
+    values.update(given)
+    if values["data"] is None:
+        values["data"] = DEFAULT_DATASET
+    cfg = TrainConfig(**values)
+    validate(cfg)
+    return cfg, demo
+
+
+def main(argv=None):
+    cfg, demo_rows = resolve_config(argv)
+    # --- everything that can fail on bad input happens before the output directory exists
+    cfg.device = resolve_device(cfg.device)
+    cfg.dtype = resolve_dtype(cfg.dtype, cfg.device)
+    dtype = DTYPES[cfg.dtype]
+    model_dir = llama.resolve_checkpoint(cfg.model, revision=cfg.revision)
+    llama.checkpoint_files(model_dir)  # a directory without weights fails here, not after the data is read
+    if Path(cfg.model).expanduser().is_dir():
+        cfg.model = str(Path(cfg.model).expanduser().resolve())  # adapter_config's base path must outlive cwd
+    tokenizer = llama.Tokenizer.from_dir(model_dir)
+    if not tokenizer.eos_ids:
+        raise ValueError(f"{model_dir}: the tokenizer defines no EOS token, so the model could not learn to stop")
+    examples, counts = tokenize_rows(read_rows(cfg.data, cfg.data_split), tokenizer, cfg.seq_len)
+    if not examples:
+        raise ValueError(f"--data {cfg.data}: none of the {counts['rows']} rows has a token to train on "
+                         f"within --seq-len {cfg.seq_len}")
+    examples, eval_examples = split_eval(examples, cfg.eval_fraction, cfg.seed)
+    if not examples:
+        raise ValueError(f"--eval-fraction {cfg.eval_fraction} leaves no training rows")
+    steps_per_epoch = len(batch_order(len(examples), cfg.batch_size, cfg.grad_accum, 0, 0))
+    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    warmup_steps = math.ceil(cfg.warmup_ratio * total_steps)
+    out_dir = Path(cfg.output_dir or time.strftime("runs/%Y%m%d-%H%M%S"))
+    cfg.output_dir = str(out_dir)
+    resume_from = find_checkpoint(cfg.resume, out_dir) if cfg.resume else None
+    pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_ids[0]  # never a target
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config_json = json.dumps(dataclasses.asdict(cfg), indent=2)
+    write_atomic(out_dir / "train_config.json", config_json)
+    print("config:", config_json)
+    print(f"data: {counts['rows']} rows -> {len(examples)} train / {len(eval_examples)} eval; "
+          f"{counts['truncated']} truncated to {cfg.seq_len} tokens, {counts['without_targets']} dropped "
+          f"(nothing to train on); {total_steps} steps of {cfg.batch_size} x {cfg.grad_accum} rows")
+    print(memory_estimate(llama.LlamaConfig.from_file(Path(model_dir) / "config.json"), cfg, cfg.dtype))
+    print("example (text in [[...]] is context only, not trained on):\n" + show_example(*examples[0], tokenizer))
+
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    model = load_model(cfg, model_dir, cfg.device, dtype)
+    base_name = cfg.model
+    if demo_rows is not None:
+        import demo_task
+        model.eval()
+        before, _ = demo_task.evaluate(model, tokenizer, demo_rows)  # B = 0: exactly the 4-bit base model
+        print(f"held-out exact match before training: {before:.1f}%")
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(params, cfg)
+    scaler = torch.amp.GradScaler(cfg.device) if dtype == torch.float16 else None  # fp16 needs loss scaling
+
+    state = {"step": 0, "epoch": 0, "batch": 0, "tokens": 0, "elapsed_s": 0.0}
+    if resume_from is not None:
+        lora.load_adapter(model, resume_from)
+        saved = torch.load(resume_from / "optimizer.pt", map_location=cfg.device, weights_only=True)
+        optimizer.load_state_dict(saved["optimizer"])
+        if scaler is not None and saved["scaler"]:
+            scaler.load_state_dict(saved["scaler"])
+        state.update({k: v for k, v in json.loads((resume_from / "trainer_state.json").read_text()).items()
+                      if k in state})
+        rng = torch.load(resume_from / "rng_state.pt", weights_only=False)  # python's state is a tuple
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        if rng["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        print(f"resumed from {resume_from} at step {state['step']}")
+    metrics_path = out_dir / "metrics.jsonl"
+    if metrics_path.exists():  # forget steps after the checkpoint we resume from (or an older run's)
+        kept = [l for l in metrics_path.read_text().splitlines() if json.loads(l)["step"] <= state["step"]]
+        write_atomic(metrics_path, "".join(l + "\n" for l in kept))
+
+    bar = tqdm(total=total_steps, initial=state["step"], desc="train", dynamic_ncols=True)
+    model.train()
+    started = time.perf_counter() - state["elapsed_s"]
+    order = batch_order(len(examples), cfg.batch_size, cfg.grad_accum, cfg.seed, state["epoch"])
+    while state["step"] < total_steps:
+        t0 = time.perf_counter()
+        micro = [collate([examples[i] for i in rows], pad_id, cfg.seq_len, cfg.packing)
+                 for rows in order[state["batch"]]]
+        n_targets = sum(int((b["targets"] != IGNORE).sum()) for b in micro)
+        loss_sum = 0.0
+        for batch in micro:
+            loss, _ = lm_loss_sum(model, batch)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"the loss became {loss.item()} at step {state['step'] + 1}; stopping "
+                                         "(try a lower --lr, --dtype bfloat16/float32, or check the data)")
+            loss = loss / n_targets  # the whole accumulated batch's token count: see the module docstring
+            (scaler.scale(loss) if scaler else loss).backward()
+            loss_sum += loss.item()
+        lr = cfg.lr * lr_factor(state["step"], total_steps, warmup_steps, cfg.lr_scheduler)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        if scaler is not None:
+            scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+        if cfg.max_grad_norm > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            if scaler is None and not torch.isfinite(grad_norm):
+                raise FloatingPointError(f"the gradient norm became {grad_norm.item()} at step {state['step'] + 1}")
+        if scaler is not None:
+            scaler.step(optimizer)  # skips the step if the gradients overflowed, then lowers the scale
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        state["step"] += 1
+        state["batch"] += 1
+        if state["batch"] == len(order):
+            state["epoch"], state["batch"] = state["epoch"] + 1, 0
+            order = batch_order(len(examples), cfg.batch_size, cfg.grad_accum, cfg.seed, state["epoch"])
+        tokens = sum(b["tokens"] for b in micro)
+        state["tokens"] += tokens
+        state["elapsed_s"] = time.perf_counter() - started
+        record = {"step": state["step"], "loss": loss_sum, "lr": lr, "tokens": state["tokens"],
+                  "elapsed_s": round(state["elapsed_s"], 3)}
+        if eval_examples and ((cfg.eval_every and state["step"] % cfg.eval_every == 0)
+                              or state["step"] == total_steps):
+            record["eval_loss"] = eval_loss(model, eval_examples, cfg, pad_id)
+        if state["step"] % cfg.log_every == 0 or "eval_loss" in record or state["step"] == total_steps:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / (time.perf_counter() - t0):.0f}",
+                        mem=f"{peak_memory_gb(cfg.device):.2f}G", refresh=False)
+        bar.update(1)
+        if state["step"] == total_steps or (cfg.save_every and state["step"] % cfg.save_every == 0):
+            save_checkpoint(out_dir, state["step"], model, optimizer, scaler,
+                            {**state, "total_steps": total_steps, "warmup_steps": warmup_steps,
+                             "lr_scheduler": cfg.lr_scheduler, "config": dataclasses.asdict(cfg)},
+                            base_name, cfg.save_total_limit)
+    bar.close()
+
+    lora.save_adapter(model, out_dir, base_name)  # the final adapter at the top of the run directory
+    plot = plot_losses(out_dir) if metrics_path.exists() else None
+    print(f"saved the adapter to {out_dir}/" + (f" and the loss curve to {plot}" if plot else ""))
+    if demo_rows is not None:
+        import demo_task
+        model.eval()
+        after, outputs = demo_task.evaluate(model, tokenizer, demo_rows)
+        print(f"held-out exact match: before {before:.1f}% -> after {after:.1f}%")
+        for row, output in list(zip(demo_rows, outputs))[:2]:
+            print(f"--- sample\nprompt:   {_prompt_of(row)}\nexpected: {_answer_of(row)}\nmodel:    {output}")
+        print("next: python merge.py   (merges this run)   or   python generate.py   (chats with it)")
+    return out_dir
+
+
+def _prompt_of(row):
+    if "messages" in row:
+        return next(m["content"] for m in reversed(row["messages"]) if m["role"] == "user")
+    return row.get("prompt", row.get("instruction", ""))
+
+
+def _answer_of(row):
+    if "messages" in row:
+        return row["messages"][-1]["content"] if row["messages"][-1]["role"] == "assistant" else ""
+    return row.get("completion", row.get("output", ""))
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+        sys.exit(f"train.py: error: {e}")
