@@ -87,7 +87,7 @@ def prompt_ids(tokenizer, messages, use_template):
     return tokenizer.encode(text, add_bos=True)
 
 
-def reply(model, tokenizer, messages, args, use_template, out, generator=None):
+def reply(model, tokenizer, messages, args, use_template, out, generator=None, interruptible=False):
     ids = prompt_ids(tokenizer, messages, use_template)
     limit = model.config.max_position_embeddings - args.max_new_tokens
     # Forget the oldest turns (never the system prompt) once the conversation outgrows the context.
@@ -95,9 +95,13 @@ def reply(model, tokenizer, messages, args, use_template, out, generator=None):
         messages.pop(next(i for i, m in enumerate(messages) if m["role"] != "system"))
         ids = prompt_ids(tokenizer, messages, use_template)
     streamer = Streamer(tokenizer, out)
-    with torch.no_grad():
-        llama.generate(model, tokenizer, [ids], args.max_new_tokens, temperature=args.temperature,
-                       top_p=args.top_p, stream=streamer, generator=generator)
+    try:
+        with torch.no_grad():
+            llama.generate(model, tokenizer, [ids], args.max_new_tokens, temperature=args.temperature,
+                           top_p=args.top_p, stream=streamer, generator=generator)
+    except KeyboardInterrupt:  # in a chat, Ctrl-C cuts this reply short and keeps the conversation
+        if not interruptible:
+            raise
     return streamer.finish()
 
 
@@ -121,23 +125,22 @@ def chat(model, tokenizer, args, use_template, stdin=None, out=None, generator=N
         if not text.strip():
             continue
         messages.append({"role": "user", "content": text})
-        answer = reply(model, tokenizer, messages, args, use_template, out, generator)
+        answer = reply(model, tokenizer, messages, args, use_template, out, generator, interruptible=True)
         messages.append({"role": "assistant", "content": answer})
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     p.add_argument("--model", default=None,
                    help="hub id or local checkpoint dir; default: the adapter's base_model_name_or_path")
     p.add_argument("--adapter", default=None,
                    help="LoRA adapter dir (PEFT layout); default with no --model: the latest run under runs/")
     p.add_argument("--prompt", default=None, help="answer this one prompt and exit; none: interactive chat")
     p.add_argument("--system", default=None, help="system message for chat templates that take one")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="longest reply, in tokens")
-    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature; 0 = greedy")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="longest reply, in tokens (default %(default)s)")
+    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature; 0 = greedy (default %(default)s)")
     p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling: keep the smallest set of "
-                   "tokens whose probability reaches top-p")
+                   "tokens whose probability reaches top-p (default %(default)s)")
     p.add_argument("--quant", default=None, choices=["nf4", "fp4", "none"],
                    help="4-bit format of the base; default: the adapter's training run's (train_config.json), "
                         "else nf4")

@@ -436,19 +436,20 @@ def parse_size(text):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     p.add_argument("--adapter", default=None,
                    help="training run or adapter dir (PEFT layout); default: the newest finished run under runs/")
     p.add_argument("--model", default=None,
                    help="base checkpoint (hub id or local dir); default: the adapter's base_model_name_or_path")
     p.add_argument("--output", default=None, help="output directory; default: <adapter>/merged")
-    p.add_argument("--dtype", default="float16", choices=list(DTYPES), help="dtype of the merged checkpoint")
+    p.add_argument("--dtype", default="float16", choices=list(DTYPES), help="dtype of the merged checkpoint (default %(default)s)")
     p.add_argument("--base", default="original", choices=["original", "dequantized"],
-                   help="fold into the checkpoint's own weights, or into the dequantized 4-bit weights the "
-                        "adapters were trained against (see the module docstring)")
+                   help="original: fold into the checkpoint's own weights (the QLoRA recipe; differs from the "
+                        "trained model by the 4-bit quantization error); dequantized: into dequant(quant(W)) with "
+                        "the run's 4-bit settings, i.e. exactly the weights the adapters were trained against "
+                        "(default %(default)s)")
     p.add_argument("--max-shard-size", default="2GB", type=parse_size,
-                   help="largest output shard, e.g. 2GB, 500MB")
+                   help="largest output shard, e.g. 2GB, 500MB (default 2GB)")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
     p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=None,
                    help="compare merged logits with base + adapter; default: on below 1B parameters")

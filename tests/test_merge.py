@@ -110,6 +110,8 @@ def gqa_bf16(tmp_path_factory):
     config.pop("dtype")
     config["torch_dtype"] = "bfloat16"
     (base / "config.json").write_text(json.dumps(config))
+    # a second stop id only generation_config.json knows (as Llama 3's <|eot_id|>)
+    (base / "generation_config.json").write_text(json.dumps({"bos_token_id": 0, "eos_token_id": 3}))
     return base
 
 
@@ -122,6 +124,9 @@ def test_bfloat16_source_passes_through_byte_identical(tmp_path, gqa_bf16):
                                                                    src[key].view(torch.int16))
     config = json.loads((out / "config.json").read_text())
     assert config["torch_dtype"] == "bfloat16" and "dtype" not in config
+    # every EOS id: the tokenizer's <|end_of_text|> and generation_config's own
+    assert json.loads((out / "generation_config.json").read_text()) == {
+        "bos_token_id": 0, "eos_token_id": [1, 3], "pad_token_id": 2}
 
 
 def with_train_config(tmp_path, **run):
