@@ -90,17 +90,18 @@ class _Cudart:
         lib.cudaFree.argtypes = [ctypes.c_void_p]
         lib.cudaDeviceGetAttribute.argtypes = [ctypes.POINTER(ctypes.c_int), ctypes.c_int, ctypes.c_int]
         # CUDA 13 replaced `int dstDevice` by a `cudaMemLocation` passed by value plus a flags word
-        # (CUDA 12.2+ calls that form cudaMemPrefetchAsync_v2). Calling one with the other's arguments
-        # is not an error code but undefined behaviour, so the signature follows the runtime version.
+        # (CUDA 12.2+ exports that form as cudaMemPrefetchAsync_v2). Calling one with the other's
+        # arguments is not an error code but undefined behaviour, so the signature follows the version.
         if self.version >= 13000:
-            lib.cudaMemPrefetchAsync.argtypes = [ctypes.c_void_p, ctypes.c_size_t, _MemLocation,
-                                                 ctypes.c_uint, ctypes.c_void_p]
+            self._prefetch = getattr(lib, "cudaMemPrefetchAsync_v2", None) or lib.cudaMemPrefetchAsync
+            self._prefetch.argtypes = [ctypes.c_void_p, ctypes.c_size_t, _MemLocation, ctypes.c_uint,
+                                       ctypes.c_void_p]
         else:
-            lib.cudaMemPrefetchAsync.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int,
-                                                 ctypes.c_void_p]
-        for name in ("cudaMallocManaged", "cudaFree", "cudaRuntimeGetVersion", "cudaDeviceGetAttribute",
-                     "cudaMemPrefetchAsync"):
-            getattr(lib, name).restype = ctypes.c_int
+            self._prefetch = lib.cudaMemPrefetchAsync
+            self._prefetch.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
+        for fn in (lib.cudaMallocManaged, lib.cudaFree, lib.cudaRuntimeGetVersion, lib.cudaDeviceGetAttribute,
+                   self._prefetch):
+            fn.restype = ctypes.c_int
         self._concurrent = {}  # device index -> bool
 
     def check(self, err: int, what: str) -> None:
@@ -120,10 +121,9 @@ class _Cudart:
 
     def prefetch(self, ptr: int, nbytes: int, device: int, stream: int) -> None:
         if self.version >= 13000:
-            err = self.lib.cudaMemPrefetchAsync(ptr, nbytes, _MemLocation(_MEM_LOCATION_TYPE_DEVICE, device), 0,
-                                                stream)
+            err = self._prefetch(ptr, nbytes, _MemLocation(_MEM_LOCATION_TYPE_DEVICE, device), 0, stream)
         else:
-            err = self.lib.cudaMemPrefetchAsync(ptr, nbytes, device, stream)
+            err = self._prefetch(ptr, nbytes, device, stream)
         self.check(err, "cudaMemPrefetchAsync")
 
 
@@ -185,8 +185,8 @@ class _ManagedBuffer:
         ptr, self.ptr = self.ptr, None
         if not ptr:
             return
-        _LIVE.pop(ptr, None)
         try:
+            _LIVE.pop(ptr, None)
             torch.cuda.synchronize(self.device)  # no kernel may still be using the pages
             _CUDART.lib.cudaFree(ptr)
         except Exception:  # interpreter shutdown: modules half torn down; the driver frees at exit anyway
@@ -399,8 +399,9 @@ class PagedAdamW(torch.optim.Optimizer):
         lr, eps, weight_decay = group["lr"], group["eps"], group["weight_decay"]
         if weight_decay != 0:
             torch._foreach_mul_(params, 1 - lr * weight_decay)  # decay first (AdamW Algorithm 2, line 12)
-        # lerp keeps m exact when g == m; footgun: in bf16, 1 - b2 = 0.001 would round to 0.000999 and
-        # v's bf16 mantissa cannot hold (1 - b2) * g^2 increments at all -- hence float32 state only
+        # Why the state is float32 whatever p's dtype: in bf16, b2 = 0.999 rounds to 1.0 (v never decays)
+        # and the increment (1 - b2) * g^2 ~ 0.001 * v is below half an ulp of v (>= 0.002 * v), so it
+        # vanishes: v stops tracking the gradient altogether.
         torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
         torch._foreach_mul_(exp_avg_sqs, beta2)
         torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
@@ -460,9 +461,9 @@ class PagedAdamW(torch.optim.Optimizer):
         q1, absmax1 = quantize_blockwise(m_lanes, signed, BLOCKSIZE)
         q2, absmax2 = quantize_blockwise(v, unsigned, BLOCKSIZE)
         q1 = q1[:n].long()
-        # Sign fix: near zero the nearest code can have the opposite sign (the map has +5.5e-7 but the
-        # scaled m may round to the 0 code's neighbour on the other side); momentum must keep its sign.
-        # An all-zero block (absmax 0 -> NaN -> code 0) also lands here and wraps to 255, as in the kernel.
+        # Sign fix: a tiny negative m (|m| < 2.75e-7 * absmax) rounds to the code 0.0, whose sign bit is
+        # clear; the kernel moves it one code down, to -5.5e-7, so the momentum keeps its sign. An all-zero
+        # block (absmax 0 -> 0 * inf = NaN -> code 0 = -0.99) lands here too and wraps to 255, as in the kernel.
         flip = torch.signbit(signed[q1]) != torch.signbit(m)
         q1 = torch.where(flip, (q1 + torch.where(m > 0, 1, -1)) & 255, q1)  # uint8 wrap-around
         state["state1"].view(-1).copy_(q1)
@@ -478,7 +479,6 @@ class PagedAdamW(torch.optim.Optimizer):
         _synchronize_managed()
         return super().state_dict()
 
-    _FLOAT_STATE = ("exp_avg", "exp_avg_sq", "master")  # float32, p's shape
     _CODE_STATE = ("state1", "state2")  # uint8, p's shape
     _ABSMAX_STATE = ("absmax1", "absmax2")  # float32, [ceil(n / 256)]
 

@@ -6,8 +6,9 @@ Reported: median optimizer step time (each optimizer is timed in alternation, in
 the same gradients) and its ratio to torch's foreach AdamW; optimizer state bytes per parameter. On a
 GPU, also the paged variants and how many bytes of state live in CUDA managed memory.
 
-    python bench/optim.py            # full: 30 layers, 30 timed steps per optimizer
+    python bench/optim.py            # full: 30 layers, 30 timed steps per optimizer (5 for 8-bit)
     python bench/optim.py --quick    # 8 layers, 10 timed steps (a few seconds)
+    python bench/optim.py --threads 1   # steadier numbers on a busy machine
 """
 import argparse
 import statistics
@@ -56,16 +57,19 @@ def llama7b_state_bytes_per_param(optim_bits: int) -> float:
     return total / sum(p.numel() for p in params)  # the same for all 32 layers
 
 
-def time_steps(makers: dict, layers: int, device, steps: int) -> dict:
-    """Median seconds per step() for each optimizer, timed in alternation so drift hits all equally."""
+def time_steps(makers: dict, layers: int, device, steps: int, steps_8bit: int) -> dict:
+    """Median seconds per step() for each optimizer, timed in alternation so drift hits all equally
+    (8-bit optimizers, slow on CPU, only for their first `steps_8bit` rounds)."""
     opts = {name: make(lora_params(layers, device)) for name, make in makers.items()}
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for opt in opts.values():  # warm-up: allocates state, first-call overheads
         for _ in range(2):
             opt.step()
     times = {name: [] for name in opts}
-    for _ in range(steps):
+    for i in range(steps):
         for name, opt in opts.items():
+            if "8-bit" in name and i >= steps_8bit:
+                continue
             sync()
             t0 = time.perf_counter()
             opt.step()
@@ -78,12 +82,18 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="8 layers and 10 timed steps instead of 30 and 30")
     ap.add_argument("--steps", type=int, default=None, help="timed steps per optimizer (default 30, quick 10)")
+    ap.add_argument("--steps-8bit", type=int, default=None, help="timed steps of the 8-bit rows (default 5, quick 3)")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     layers = 8 if args.quick else 30
     steps = args.steps or (10 if args.quick else 30)
+    steps_8bit = min(steps, args.steps_8bit or (3 if args.quick else 5))
     n = sum(p.numel() for p in lora_params(layers, "cpu"))
     print(f"{layers} layers of r={RANK} LoRA adapters: {n / 1e6:.2f}M float32 parameters in {layers * 14} tensors; "
-          f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, median of {steps} steps")
+          f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, median of {steps} steps "
+          f"({steps_8bit} for 8-bit)")
 
     runs = [("cpu", {"torch.optim.AdamW(foreach=True)": lambda ps: torch.optim.AdamW(ps, foreach=True),
                      "PagedAdamW 32-bit": lambda ps: PagedAdamW(ps, optim_bits=32),
@@ -106,7 +116,7 @@ def main():
     print("-" * len(header))
     for device_name, makers in runs:
         device = torch.device(device_name)
-        results = time_steps(makers, layers, device, steps)
+        results = time_steps(makers, layers, device, steps, steps_8bit)
         base = results["torch.optim.AdamW(foreach=True)"][0]
         for name, (sec, opt) in results.items():
             managed = sum(v.untyped_storage().nbytes() for s in opt.state.values() for v in s.values()

@@ -350,6 +350,27 @@ def test_cpu_state_is_ordinary_memory():
 # ---------------------------------------------------------------------------------------------
 # CUDA: managed memory, prefetch, paging (skipped without a GPU)
 
+def test_cudart_bindings_follow_the_runtime_version():
+    # Runs wherever a libcudart is installed, GPU or not (calls without a GPU return error codes).
+    import ctypes
+    lib = None
+    for name in ("libcudart.so.13", "libcudart.so.12", "libcudart.so"):
+        try:
+            lib = ctypes.CDLL(name)
+            break
+        except OSError:
+            continue
+    if lib is None:
+        pytest.skip("no libcudart on this machine")
+    rt = paged_adamw._Cudart(lib, name)
+    assert rt.version >= 11000
+    location_arg = rt._prefetch.argtypes[2]
+    assert location_arg is (paged_adamw._MemLocation if rt.version >= 13000 else ctypes.c_int)
+    assert ctypes.sizeof(paged_adamw._MemLocation) == 8
+    with pytest.raises(RuntimeError, match="CUDA error 1 "):
+        rt.check(1, "cudaSomething")  # 1 = cudaErrorInvalidValue
+
+
 def _pointer_is_managed(t: torch.Tensor) -> bool:
     """Ask the CUDA runtime itself (cudaPointerGetAttributes) rather than paged_adamw's bookkeeping."""
     import ctypes
