@@ -57,7 +57,80 @@ DYNAMIC_UNSIGNED = _dynamic_map(signed=False)  # [256]; [0] = 0, [255] = +1
 
 BLOCKSIZES_8BIT = (64, 128, 256, 512, 1024, 2048, 4096)
 NESTED_BLOCKSIZE = 256  # bitsandbytes always double-quantizes absmax in blocks of 256
-_CHUNK = 1 << 22  # elements per pass: bounds the int64/float32 temporaries for big optimizer states
+_CHUNK = 1 << 20  # most elements per pass: keeps the ~30 bytes/element of temporaries in cache on CPU
+
+
+# ---- exact table-driven encoding (shared with nf4.py) ---------------------------------------------------
+# "Nearest code" as a comparison against sorted decision boundaries costs a binary search per element
+# (torch.bucketize, ~8 dependent compares for 255 boundaries). Instead: the top 16 bits of a float32 (sign,
+# exponent, 7 mantissa bits) split the floats into 65536 contiguous bins, each at most 2^-7 relative wide.
+# When no bin holds two boundaries (true for the NF4/FP4 thresholds and both dynamic maps' midpoints), a
+# value's code is the bin's lower or upper code depending on one compare with the bin's boundary:
+#     code(x) = table[2 * bin(x) + (x > boundary[bin])]
+# Two gathers and a compare per element, exact for every float32 (checked exhaustively over all 2^32).
+
+def _bin_edges():
+    """Lowest and highest float32 of each bin (bin = (bits >> 16) + 32768), and the bins' top 16 bits."""
+    top = torch.arange(-32768, 32768, dtype=torch.int64)  # arithmetic-shifted top half of the int32 bits
+    first = (top << 16).to(torch.int32).view(torch.float32)  # low 16 bits all 0
+    last = ((top << 16) | 0xFFFF).to(torch.int32).view(torch.float32)  # low 16 bits all 1
+    return torch.minimum(first, last), torch.maximum(first, last), top
+
+
+def encode_tables(reference, bounds: torch.Tensor, device):
+    """(boundary float32 [65536], code uint8 [131072]) for `encode`, or None if some bin holds two bounds.
+
+    `reference(x)` is the exact rule (float32 -> uint8 codes); `bounds` are the sorted float32 values b at
+    which the code changes, written so that x > b is the upper side (a tie going down has b = the midpoint,
+    a tie going up has b = the float just below it).
+    """
+    lo, hi, top = _bin_edges()
+    first = torch.searchsorted(bounds, lo)  # first bound >= the bin's lowest value
+    has = (first < len(bounds)) & (bounds[first.clamp(max=len(bounds) - 1)] < hi)
+    second = (first + 1).clamp(max=len(bounds) - 1)
+    if bool((has & (first + 1 < len(bounds)) & (bounds[second] < hi)).any()):
+        return None
+    boundary = torch.where(has, bounds[first.clamp(max=len(bounds) - 1)], float("inf"))
+    code = torch.stack([reference(lo), reference(hi)], 1)  # (65536, 2) below / above the boundary
+    special = (top & 0x7F80) == 0x7F80  # exponent 255: NaN, and the two bins starting at +-inf
+    code[special] = reference(torch.full((1,), float("nan")))
+    inf_bin = (top & 0x7FFF) == 0x7F80  # +-inf and signalling NaNs (arithmetic never makes those)
+    code[inf_bin] = reference(torch.where(top[inf_bin] < 0, -float("inf"), float("inf"))).unsqueeze(1)
+    boundary[special] = float("inf")
+    return boundary.to(device), code.reshape(-1).to(device)
+
+
+def encode(scaled: torch.Tensor, tables) -> torch.Tensor:
+    """Codes (uint8) of 1-D float32 values through `encode_tables`' tables: equal to the reference rule."""
+    boundary, code = tables
+    bins = (scaled.view(torch.int32) >> 16).long().add_(32768)  # top 16 bits -> bin in [0, 65536)
+    upper = scaled > torch.index_select(boundary, 0, bins)  # past the bin's boundary (most bins have none)
+    return torch.index_select(code, 0, torch.add(upper, bins, alpha=2))
+
+
+def nearest_reference(x: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+    """The 8-bit rule directly: nearest entry of the sorted map `code`; exactly on the float32 midpoint of
+    k and k+1 -> the even one (CUDA's search lands on even indices first); NaN -> 0."""
+    mids = (code[:-1] + code[1:]) * 0.5  # (255,) float32
+    idx = torch.bucketize(x, mids, right=False)  # mids[idx-1] < x <= mids[idx]
+    tie = (x == mids[idx.clamp(max=254)]) & (idx % 2 == 1)  # on mids[k] with k odd -> k + 1
+    return (idx + tie).masked_fill(x.isnan(), 0).to(torch.uint8)
+
+
+_TABLES = {}
+
+
+def _tables_8bit(code: torch.Tensor):
+    key = (code.detach().cpu().numpy().tobytes(), str(code.device))
+    if key not in _TABLES:
+        c = code.detach().float().cpu()
+        if not bool((c[1:] > c[:-1]).all()):
+            raise ValueError("code must be sorted strictly ascending")
+        mids = (c[:-1] + c[1:]) * 0.5
+        odd = torch.arange(255) % 2 == 1  # ties on odd k go up: the boundary is the float just below
+        bounds = torch.where(odd, torch.nextafter(mids, torch.full_like(mids, -float("inf"))), mids)
+        _TABLES[key] = encode_tables(lambda v: nearest_reference(v, c), bounds, code.device)
+    return _TABLES[key]
 
 
 def _check(code: torch.Tensor, blocksize: int) -> None:
@@ -79,30 +152,37 @@ def quantize_blockwise(x: torch.Tensor, code: torch.Tensor = DYNAMIC_SIGNED, blo
     n = flat.numel()
     nblocks = -(-n // blocksize)
     code = code.to(flat.device)
-    mids = (code[:-1] + code[1:]) * 0.5  # (255,) float32 decision thresholds between neighbours
+    tables = _tables_8bit(code)  # None for an exotic map too dense for the bins: bucketize instead
     q = torch.empty(n, dtype=torch.uint8, device=flat.device)
     absmax = torch.empty(nblocks, dtype=torch.float32, device=flat.device)
-    step = max(blocksize, _CHUNK // blocksize * blocksize)  # chunk boundaries on block boundaries
+    step = max(blocksize, _CHUNK // blocksize * blocksize)  # passes of whole blocks
     for start in range(0, n, step):
-        part = flat[start:start + step].float()
+        part = flat[start:start + step]
         m = part.numel()
-        b0, nb = start // blocksize, -(-m // blocksize)
-        if m % blocksize:  # partial last block: zero padding changes neither its max nor its codes
-            part = torch.cat([part, part.new_zeros(nb * blocksize - m)])
-        blocks = part.view(nb, blocksize)  # (nb, blocksize)
-        amax = blocks.abs().amax(dim=1)
-        if amax.isnan().any():  # CUDA's fmaxf skips NaN: a NaN element must not poison its block's absmax
-            amax = blocks.abs().nan_to_num(nan=0.0).amax(dim=1)
-        absmax[b0:b0 + nb] = amax
-        # reciprocal then multiply, in float32 (an all-zero block: 0 * inf = NaN, handled below)
-        scaled = (blocks * (1.0 / amax).unsqueeze(1)).view(-1)[:m]  # (m,)
-        idx = torch.bucketize(scaled, mids, right=False)  # mids[idx-1] < x <= mids[idx]
-        # x exactly on mids[k] -> bucketize gives k; the CUDA search picks the even one of k, k+1
-        tie = (scaled == mids[idx.clamp(max=254)]) & (idx % 2 == 1)
-        idx = idx + tie
-        idx = idx.masked_fill(scaled.isnan(), 0)  # every comparison with NaN is false -> index 0
-        q[start:start + m] = idx.to(torch.uint8)
+        amax, scaled = scale_blocks(part, blocksize)
+        absmax[start // blocksize:start // blocksize + amax.numel()] = amax
+        scaled = scaled[:m]  # (m,)
+        q[start:start + m] = nearest_reference(scaled, code) if tables is None else encode(scaled, tables)
     return q, absmax
+
+
+def scale_blocks(part: torch.Tensor, blocksize: int):
+    """absmax float32 [nb] and x * (1/absmax) float32 [nb * blocksize] of a run of blocks (shared with nf4).
+
+    A partial last block is padded with zeros: they change neither its max nor its codes (and give an odd
+    4-bit tensor its pad nibble). An all-zero block has absmax 0 and scales to 0 * inf = NaN -> code 0.
+    """
+    if part.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        part = part.float()  # e.g. float64: bitsandbytes works in float32
+    nb = -(-part.numel() // blocksize)
+    if nb * blocksize != part.numel():
+        part = torch.cat([part, part.new_zeros(nb * blocksize - part.numel())])
+    blocks = part.view(nb, blocksize)  # (nb, blocksize)
+    amax = blocks.abs().amax(dim=1).float()  # exact in the input dtype, then widened
+    if amax.isnan().any():  # CUDA's fmaxf skips NaN: a NaN element must not poison its block's absmax
+        amax = blocks.float().abs().nan_to_num(nan=0.0).amax(dim=1)
+    # float32 reciprocal, then one float32 multiply (not a division); bf16/f16 promote exactly
+    return amax, torch.mul(blocks, (1.0 / amax).unsqueeze(1)).view(-1)
 
 
 def dequantize_blockwise(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor = DYNAMIC_SIGNED,

@@ -31,6 +31,7 @@ H query heads, K key/value heads, D head dim, F intermediate size, V vocab.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -38,8 +39,15 @@ from dataclasses import MISSING, dataclass, fields
 from datetime import datetime
 from pathlib import Path
 
+import huggingface_hub
+import jinja2
+import jinja2.ext
+import jinja2.sandbox
+import tokenizers
 import torch
 import torch.nn.functional as F
+from huggingface_hub.utils import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
+                                   RepositoryNotFoundError, RevisionNotFoundError)
 from safetensors import safe_open
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -299,7 +307,8 @@ class Llama(nn.Module):
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None):
         """input_ids (B, T) -> logits (B, T, V) in the model dtype. attention_mask (B, S): 1 real, 0 padding,
-        covering the cached positions too when `cache` is given."""
+        covering the cached positions too when `cache` is given; or a ready boolean (B, 1, T, S) mask,
+        True = may attend (train.py's block-diagonal mask for packed rows, with their position_ids)."""
         return self.lm_head(self.hidden_states(input_ids, attention_mask, position_ids, cache))
 
     def hidden_states(self, input_ids, attention_mask=None, position_ids=None, cache=None):
@@ -308,6 +317,8 @@ class Llama(nn.Module):
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
         device = input_ids.device
+        if attention_mask is not None and attention_mask.dim() == 4 and position_ids is None:
+            raise ValueError("a (B, 1, T, S) attention_mask needs explicit position_ids")
         if position_ids is None:
             if attention_mask is None:
                 position_ids = torch.arange(past, past + T, device=device).expand(B, T)  # (B, T)
@@ -327,7 +338,9 @@ class Llama(nn.Module):
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
 
         mask = None
-        if attention_mask is not None or (past > 0 and T > 1):
+        if attention_mask is not None and attention_mask.dim() == 4:
+            mask = attention_mask.to(device=device, dtype=torch.bool)  # (B, 1, T, S) built by the caller
+        elif attention_mask is not None or (past > 0 and T > 1):
             mask = self._attention_mask(attention_mask, past, T, device)
 
         for layer in self.model.layers:
@@ -391,13 +404,11 @@ def resolve_checkpoint(name_or_path: str | os.PathLike, revision: str | None = N
     if name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name:
         raise FileNotFoundError(f"no such directory: {name} (a hub id looks like 'owner/name')")
 
-    from huggingface_hub import HfApi, snapshot_download
-    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
-                                        RepositoryNotFoundError, RevisionNotFoundError)
     token = token or os.environ.get("HF_TOKEN")
     login = "pass token=... (or set HF_TOKEN, or run `hf auth login`)"
     try:
-        directory = Path(snapshot_download(name, revision=revision, token=token, allow_patterns=HUB_FILES))
+        directory = Path(huggingface_hub.snapshot_download(name, revision=revision, token=token,
+                                                           allow_patterns=HUB_FILES))
     except GatedRepoError as e:  # a subclass of RepositoryNotFoundError: check it first
         raise PermissionError(f"{name} is a gated repository: accept its license at https://huggingface.co/{name} "
                               f"with your account, then {login}") from e
@@ -418,8 +429,12 @@ def resolve_checkpoint(name_or_path: str | os.PathLike, revision: str | None = N
                                   "read this repository") from e
         raise
     if not any(directory.glob("*.safetensors")):
-        files = HfApi().list_repo_files(name, revision=revision, token=token)
-        raise _no_safetensors_error(name, [f for f in files if f.endswith(".bin")])
+        try:  # only to name the .bin files in the message
+            files = huggingface_hub.HfApi().list_repo_files(name, revision=revision, token=token)
+            bins = [f for f in files if f.endswith(".bin")]
+        except Exception:  # offline (a cached snapshot) or listing refused: the message just lacks the detail
+            bins = []
+        raise _no_safetensors_error(name, bins)
     return directory
 
 
@@ -503,7 +518,8 @@ def from_pretrained(name_or_path: str | os.PathLike, quant: str | None = "nf4",
                 module = model.get_submodule(module_name)
                 name = key.rpartition(".")[2]
                 value = tensor.to(device=device, dtype=dtype)
-                if quant is not None and name == "weight" and module_name != "lm_head" and isinstance(module, nn.Linear):
+                quantize = quant is not None and isinstance(module, nn.Linear) and module_name != "lm_head"
+                if quantize and name == "weight":
                     bias = None if module.bias is None or module.bias.is_meta else module.bias.data
                     layer = nf4.Linear4bit.from_weight(value, bias=bias, quant_type=quant, blocksize=blocksize,
                                                        double_quant=double_quant, compute_dtype=dtype)
@@ -639,8 +655,8 @@ class Tokenizer:
         # Does tokenizer.json's post-processor prepend BOS by itself (Llama's TemplateProcessing does)?
         # encode() always bypasses the post-processor and adds BOS on request, so BOS is never doubled.
         with_special = tokenizer.encode("a", add_special_tokens=True).ids
-        self.adds_bos = self.bos_id is not None and with_special[:1] == [self.bos_id] != \
-            tokenizer.encode("a", add_special_tokens=False).ids[:1]
+        plain = tokenizer.encode("a", add_special_tokens=False).ids
+        self.adds_bos = self.bos_id is not None and with_special[:1] == [self.bos_id] and plain[:1] != [self.bos_id]
 
     def _id(self, token: str) -> int:
         i = self.tokenizer.token_to_id(token)
@@ -650,7 +666,6 @@ class Tokenizer:
 
     @classmethod
     def from_dir(cls, directory: str | os.PathLike) -> Tokenizer:
-        from tokenizers import Tokenizer as HFTokenizer
         directory = Path(directory)
         if not (directory / "tokenizer.json").is_file():
             raise FileNotFoundError(f"{directory} has no tokenizer.json (the 'fast' tokenizer file); "
@@ -673,7 +688,7 @@ class Tokenizer:
             template = {t["name"]: t["template"] for t in template}.get("default")
         if (directory / "chat_template.jinja").is_file():  # transformers 4.43+ writes it here; it wins
             template = (directory / "chat_template.jinja").read_text(encoding="utf-8")
-        return cls(HFTokenizer.from_file(str(directory / "tokenizer.json")),
+        return cls(tokenizers.Tokenizer.from_file(str(directory / "tokenizer.json")),
                    bos_token=token("bos_token"), eos_token=token("eos_token"), pad_token=token("pad_token"),
                    eos_ids=eos if isinstance(eos, list) else [eos] if eos is not None else [],
                    bos_id=generation.get("bos_token_id"), pad_id=generation.get("pad_token_id"),
@@ -703,22 +718,22 @@ class Tokenizer:
             **{k: v for k, v in variables.items() if v is not None}, **kwargs)
 
 
+class _Generation(jinja2.ext.Extension):
+    """`{% generation %}...{% endgeneration %}` marks assistant text (transformers uses it for loss masks);
+    here it renders its body unchanged."""
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
+
+    def _render(self, caller):
+        return caller()
+
+
+@functools.lru_cache(maxsize=8)  # data preparation renders thousands of conversations with one template
 def _compile_template(template: str):
-    import jinja2
-    from jinja2.ext import Extension, loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    class Generation(Extension):  # `{% generation %}...{% endgeneration %}` marks assistant text; render as is
-        tags = {"generation"}
-
-        def parse(self, parser):
-            lineno = next(parser.stream).lineno
-            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-            return jinja2.nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
-
-        def _render(self, caller):
-            return caller()
-
     def raise_exception(message):
         raise jinja2.exceptions.TemplateError(message)
 
@@ -727,7 +742,8 @@ def _compile_template(template: str):
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
     # chat templates from the hub are untrusted code: the sandbox keeps them from reaching Python internals
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[Generation, loopcontrols])
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                       extensions=[_Generation, jinja2.ext.loopcontrols])
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)

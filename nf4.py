@@ -4,16 +4,16 @@
 NF4 (QLoRA arXiv:2305.14314 §3, "4-bit NormalFloat"). Pretrained weights are roughly zero-mean normal, so
 the 16 code values are quantiles of N(0, 1) rescaled to [-1, 1], which makes every code equally likely.
 To also represent 0 exactly, the two halves are built separately (bitsandbytes `create_normal_map`,
-offset delta = 0.9677083):
+offset delta = 0.9677083, Phi^-1 = standard normal quantile function):
 
-    positive: Phi^-1 of 8 probabilities evenly spaced in [delta, 0.5) -> 8 values (largest 1)
-    negative: Phi^-1 of 7 probabilities evenly spaced in [delta, 0.5), negated -> 7 values
-    plus one exact 0; sort; divide by the largest.
+    positive:  Phi^-1(linspace(delta, 0.5, 9)[:-1])   -> 8 values
+    negative: -Phi^-1(linspace(delta, 0.5, 8)[:-1])   -> 7 values
+    plus one exact 0; sort; divide by the largest; float32.
 
 So the table is *asymmetric*: 7 negative values, 0.0 at index 7, 8 positive values; +0.0796 is not the
 mirror of -0.0911. (A symmetric 8+8 table is a common mistake and cannot read real checkpoints.)
 
-Blockwise absmax quantization (§2 of the paper). The weight is flattened row-major and cut into blocks of
+Blockwise absmax quantization (QLoRA §2; 8-bit optimizers arXiv:2110.02861 §2.1). The weight is flattened row-major and cut into blocks of
 `blocksize` (64) consecutive values; each block stores its float32 absmax and 4-bit codes
 
     absmax_b = max |w_i|,   code_i = nearest NF4 entry to w_i * (1 / absmax_b),
@@ -27,8 +27,9 @@ are 0 and its absmax 0 — bitsandbytes' CUDA kernel behaviour). Two codes share
 Double quantization (§3, double_quant.py) turns the float32 absmax (32/64 = 0.5 bit/param) into 8-bit
 codes plus one float32 per 256 blocks: 4 + 8/64 + 32/(64*256) = 4.127 bits per parameter.
 
-FP4 is bitsandbytes' own 1-3-ish float format (sign bit + 3-bit magnitude, values /12); the CUDA kernel
-decides with rounded decimal thresholds (not exact midpoints), reproduced here.
+FP4 is bitsandbytes' own E2M1-like format: a sign bit and 3 magnitude bits for {0, 0.0625, 8, 12, 4, 6,
+2, 3} / 12. Its CUDA kernel decides with rounded decimal thresholds (not exact midpoints) and gives a
+negative scaled value the sign bit even when it rounds to 0; both are reproduced here.
 
 How it is fast in eager PyTorch (no [n, 16] distance matrix):
 * quantize: a float32 value's top 16 bits (sign, exponent, 7 mantissa bits) select one of 65536 bins; no
@@ -53,7 +54,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from double_quant import BLOCKSIZES_8BIT, DYNAMIC_SIGNED, NESTED_BLOCKSIZE, dequantize_absmax, quantize_absmax
+from double_quant import (BLOCKSIZES_8BIT, DYNAMIC_SIGNED, NESTED_BLOCKSIZE, dequantize_absmax, encode, encode_tables,
+                          quantize_absmax, scale_blocks)
 
 # bitsandbytes' tables, float32 bit-exact (index = code). NF4 is asymmetric with an exact 0 at index 7.
 NF4_CODE = torch.tensor([
@@ -82,10 +84,10 @@ FP4_RANK_TO_CODE = torch.tensor([0, 1, 6, 7, 4, 5, 2, 3], dtype=torch.uint8)  # 
 _CHUNK = {"cpu": 1 << 20}  # most elements per pass: ~cache-sized on CPU, 1 << 24 on GPUs
 
 
-def _step(n: int, blocksize: int, device: torch.device) -> int:
-    """Elements per pass: whole blocks (so an even count), at most n/16 — the ~28 bytes of temporaries per
-    element of a pass then stay far below the input's own size — and at most _CHUNK."""
-    step = min(_CHUNK.get(device.type, 1 << 24), max(n // 16, 1 << 16))
+def _step(n: int, blocksize: int, device: torch.device, parts: int = 1) -> int:
+    """Elements per pass: whole blocks (so a multiple of 32), at most _CHUNK[device] and at most n / parts
+    (quantize uses 16 parts: its ~28 bytes of temporaries per element then stay below the input's size)."""
+    step = min(_CHUNK.get(device.type, 1 << 24), max(n // parts, 1 << 16))
     return max(blocksize, step // blocksize * blocksize)
 
 
@@ -107,53 +109,22 @@ def encode_reference(x: torch.Tensor, quant_type: str = "nf4") -> torch.Tensor:
     return code.masked_fill(x.isnan(), 0).to(torch.uint8)  # every comparison with NaN is false
 
 
-def _bin_edges():
-    """The 65536 bins of float32 values sharing their top 16 bits, indexed by (bits >> 16) + 32768."""
-    top = torch.arange(-32768, 32768, dtype=torch.int64)  # arithmetic-shifted top half of int32 bits
-    first = (top << 16).to(torch.int32).view(torch.float32)  # low 16 bits all 0
-    last = ((top << 16) | 0xFFFF).to(torch.int32).view(torch.float32)  # low 16 bits all 1
-    return torch.minimum(first, last), torch.maximum(first, last), top
-
-
 _TABLES = {}
 
 
 def _encode_tables(quant_type: str, device: torch.device):
-    """(threshold [65536] float32, code [131072] uint8) with code(x) = code[2 * bin(x) + (x > threshold[bin])].
-
-    Each bin is a contiguous interval of floats at most 2^-7 relative wide, much narrower than the gap
-    between decision boundaries, so it contains at most one. A boundary b is written so that x > b is the
-    upper side: NF4 ties go down (b = t); FP4 negative ties go toward zero (b = the float just below -c).
-    """
+    """Bin tables (double_quant.encode_tables) equal to encode_reference for every float32. The boundaries
+    are written so that x > b is the upper side: NF4 ties go down (b = t); FP4's negative side counts
+    x < -c, so its ties go toward zero (b = the float just below -c), and x < 0 sets the sign bit."""
     key = (quant_type, str(device))
     if key not in _TABLES:
-        lo, hi, top = _bin_edges()
         if quant_type == "nf4":
             bounds = NF4_THRESHOLDS
         else:
             below = lambda v: torch.nextafter(v, torch.full_like(v, -float("inf")))  # noqa: E731
-            neg = below(-FP4_THRESHOLDS)
-            bounds = torch.cat([neg, below(torch.zeros(1)), FP4_THRESHOLDS]).sort().values
-        inside = (bounds >= lo[:, None]) & (bounds < hi[:, None])  # (65536, nbounds) at most one True per row
-        assert int(inside.sum(1).max()) <= 1
-        threshold = torch.where(inside.any(1), (inside * bounds).sum(1), torch.tensor(float("inf")))
-        code = torch.stack([encode_reference(lo, quant_type), encode_reference(hi, quant_type)], 1)  # (65536, 2)
-        # exponent 255: NaN bins -> 0 (a NaN made by arithmetic is quiet, so never in the +-inf bins)
-        special = (top & 0x7F80) == 0x7F80
-        inf_bin = (top & 0x7FFF) == 0x7F80  # +-inf and signalling NaNs only
-        code[special & ~inf_bin] = 0
-        threshold[special] = float("inf")
-        inf = torch.where(top[inf_bin] < 0, -float("inf"), float("inf"))  # (lo of these bins is NaN)
-        code[inf_bin] = encode_reference(inf, quant_type).unsqueeze(1)
-        _TABLES[key] = (threshold.to(device), code.reshape(-1).to(device))
+            bounds = torch.cat([below(-FP4_THRESHOLDS), below(torch.zeros(1)), FP4_THRESHOLDS]).sort().values
+        _TABLES[key] = encode_tables(lambda v: encode_reference(v, quant_type), bounds, device)
     return _TABLES[key]
-
-
-def _encode(scaled: torch.Tensor, threshold: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
-    """4-bit codes (uint8) of 1-D float32 scaled values via the bin tables: equals encode_reference."""
-    bins = (scaled.view(torch.int32) >> 16).long().add_(32768)  # top 16 bits -> bin in [0, 65536)
-    upper = scaled > torch.index_select(threshold, 0, bins)  # past the bin's boundary (never, for most bins)
-    return torch.index_select(code, 0, torch.add(upper, bins, alpha=2))
 
 
 def quantize_4bit(x: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4"):
@@ -169,22 +140,14 @@ def quantize_4bit(x: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4")
     nblocks = -(-n // blocksize)
     packed = torch.empty((n + 1) // 2, 1, dtype=torch.uint8, device=x.device)
     absmax = torch.empty(nblocks, dtype=torch.float32, device=x.device)
-    threshold, code = _encode_tables(quant_type, x.device)
-    step = _step(n, blocksize, x.device)
+    tables = _encode_tables(quant_type, x.device)
+    step = _step(n, blocksize, x.device, parts=16)
     for start in range(0, n, step):
         part = flat[start:start + step]
-        m, nb, b0 = part.numel(), -(-part.numel() // blocksize), start // blocksize
-        if nb * blocksize != m:  # partial last block: zeros change neither absmax nor codes, and an odd
-            part = torch.cat([part, part.new_zeros(nb * blocksize - m)])  # n gets its pad nibble from them
-        blocks = part.view(nb, blocksize)  # (nb, blocksize)
-        amax = blocks.abs().amax(dim=1).float()  # exact in the input dtype, then widened
-        if amax.isnan().any():  # CUDA's fmaxf skips NaN; a NaN element must not poison its block's absmax
-            amax = blocks.float().abs().nan_to_num(nan=0.0).amax(dim=1)
-        absmax[b0:b0 + nb] = amax
-        # float32 reciprocal, then one float32 multiply (bf16/f16 promote exactly); zero block -> NaN -> 0
-        scaled = torch.mul(blocks, (1.0 / amax).unsqueeze(1)).view(-1)  # (nb * blocksize,) float32
-        pairs = _encode(scaled, threshold, code).view(-1, 2)  # (nb * blocksize / 2, 2) even element -> high nibble
-        nbytes = (m + 1) // 2
+        amax, scaled = scale_blocks(part, blocksize)  # (nb,), (nb * blocksize,) float32
+        absmax[start // blocksize:start // blocksize + amax.numel()] = amax
+        pairs = encode(scaled, tables).view(-1, 2)  # (nb * blocksize / 2, 2) even element -> high nibble
+        nbytes = (part.numel() + 1) // 2
         torch.add(pairs[:nbytes, 1], pairs[:nbytes, 0], alpha=16, out=packed[start // 2:start // 2 + nbytes, 0])
     return packed, absmax
 
@@ -442,10 +405,12 @@ class Linear4bit(nn.Module):
         if self.bias is not None:
             destination[prefix + "bias"] = keep(self.bias)
         destination[prefix + "weight.absmax"] = keep(self.absmax)
-        destination[prefix + "weight.quant_map"] = (NF4_CODE if self.quant_type == "nf4" else FP4_CODE).to(device)
+        # fresh copies per layer: safetensors refuses tensors that share memory, and callers may edit them
+        code = NF4_CODE if self.quant_type == "nf4" else FP4_CODE
+        destination[prefix + "weight.quant_map"] = code.to(device, copy=True)
         if self.double_quant:
             destination[prefix + "weight.nested_absmax"] = keep(self.nested_absmax)
-            destination[prefix + "weight.nested_quant_map"] = DYNAMIC_SIGNED.to(device)
+            destination[prefix + "weight.nested_quant_map"] = DYNAMIC_SIGNED.to(device, copy=True)
         blob = torch.tensor(list(self.quant_state_json()), dtype=torch.uint8)  # on the CPU, as bitsandbytes
         destination[prefix + "weight.quant_state.bitsandbytes__" + self.quant_type] = blob
 
@@ -454,7 +419,8 @@ class Linear4bit(nn.Module):
         mine = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
         if "bias" in mine:
             if self.bias is None:
-                unexpected_keys.append(prefix + "bias") if strict else None
+                if strict:
+                    unexpected_keys.append(prefix + "bias")
             elif self.bias.is_meta or local_metadata.get("assign_to_params_buffers", False):
                 self.bias = nn.Parameter(mine["bias"].detach(), requires_grad=False)
             else:

@@ -120,6 +120,8 @@ class TrainConfig:
     device: str = _flag("auto", "auto: CUDA if available, else CPU (slow)", choices=["auto", "cuda", "cpu"])
     dtype: str = _flag("auto", "compute dtype; auto: bf16 where the hardware has it, else fp16 with loss "
                                "scaling on GPU, fp32 on CPU", choices=["auto", *DTYPES])
+    threads: int = _flag(0, "CPU threads for torch (0: torch's default, one per core); 1 is far faster on a "
+                            "machine other jobs keep busy, where a second thread waits at every op's barrier")
     seed: int = _flag(42, "seed for LoRA init, dropout and the data order")
 
 
@@ -149,7 +151,7 @@ def validate(cfg):
     for name in positive:
         if getattr(cfg, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(cfg, name)}")
-    for name in ["max_steps", "eval_every", "save_every", "save_total_limit", "weight_decay", "max_grad_norm"]:
+    for name in ["threads", "max_steps", "eval_every", "save_every", "save_total_limit", "weight_decay", "max_grad_norm"]:
         if getattr(cfg, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
     if cfg.seq_len < 2:
@@ -329,11 +331,8 @@ def tokenize_rows(rows, tokenizer, seq_len):
     return examples, {"rows": len(rows), "truncated": truncated, "without_targets": empty}
 
 
-def collate(examples, pad_id, seq_len=None, packing=False):
-    """Pad (or pack) examples into a batch dict: input_ids, targets (IGNORE where untrained), and for
-    packed batches position_ids and a block-diagonal causal attention mask."""
-    if packing:
-        return _pack(examples, pad_id, seq_len)
+def collate(examples, pad_id):
+    """Right-pad examples into a batch dict: input_ids (B, T), targets (B, T) (IGNORE where untrained)."""
     longest = max(len(ids) for ids, _ in examples)
     input_ids = torch.full((len(examples), longest), pad_id, dtype=torch.long)  # (B, T)
     targets = torch.full((len(examples), longest), IGNORE, dtype=torch.long)  # (B, T)
@@ -345,32 +344,42 @@ def collate(examples, pad_id, seq_len=None, packing=False):
     return {"input_ids": input_ids, "targets": targets, "tokens": sum(len(ids) for ids, _ in examples)}
 
 
-def _pack(examples, pad_id, seq_len):
-    """Greedy packing in order: a row that does not fit the current block starts a new one."""
-    blocks, current = [], []
+def pack(examples, seq_len):
+    """Blocks (lists of examples) of at most seq_len tokens, filled greedily in order."""
+    blocks, size = [], seq_len + 1
     for ex in examples:
-        if current and sum(len(ids) for ids, _ in current) + len(ex[0]) > seq_len:
-            blocks.append(current)
-            current = []
-        current.append(ex)
-    blocks.append(current)
-    longest = max(sum(len(ids) for ids, _ in block) for block in blocks)
+        if size + len(ex[0]) > seq_len:
+            blocks.append([])
+            size = 0
+        blocks[-1].append(ex)
+        size += len(ex[0])
+    return blocks
+
+
+def collate_packed(blocks, pad_id):
+    """A batch of packed blocks: each block's rows concatenated, with per-row position ids and a
+    block-diagonal causal mask (B, 1, T, T), so no row attends to another. No target crosses a border:
+    a row's first token is never trained on (tokenize_row), so the previous row's last position already
+    has target IGNORE."""
     batch = collate([(sum((ids for ids, _ in blk), []), sum((tr for _, tr in blk), [])) for blk in blocks], pad_id)
-    position_ids = torch.zeros(len(blocks), longest, dtype=torch.long)  # (B, T)
-    document = torch.full((len(blocks), longest), -1, dtype=torch.long)  # (B, T) row index inside a block
+    B, T = batch["input_ids"].shape
+    position_ids = torch.zeros(B, T, dtype=torch.long)  # (B, T)
+    document = torch.full((B, T), -1, dtype=torch.long)  # (B, T) which row of the block; -1 = padding
     for b, block in enumerate(blocks):
         t = 0
         for d, (ids, _) in enumerate(block):
             position_ids[b, t:t + len(ids)] = torch.arange(len(ids))
             document[b, t:t + len(ids)] = d
             t += len(ids)
-    # No target crosses a border: a row's first token is never trained on (tokenize_row), so the previous
-    # row's last position already has target IGNORE.
-    causal = torch.ones(longest, longest, dtype=torch.bool).tril()  # (T, T)
-    same = document[:, :, None] == document[:, None, :]  # (B, T, T)
-    batch["attention_mask"] = (same & causal)[:, None]  # (B, 1, T, T) True = may attend
+    causal = torch.ones(T, T, dtype=torch.bool).tril()  # (T, T)
+    same_row = document[:, :, None] == document[:, None, :]  # (B, T, T); padding attends to padding only
+    batch["attention_mask"] = (same_row & causal)[:, None]  # (B, 1, T, T) True = may attend
     batch["position_ids"] = position_ids
     return batch
+
+
+def make_batch(items, pad_id, packing):
+    return collate_packed(items, pad_id) if packing else collate(items, pad_id)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -406,6 +415,12 @@ class LMHeadCrossEntropy(torch.autograd.Function):
         return (grad * grad_loss).to(ctx.h_dtype), None, None, None
 
 
+def loss_chunk_rows(vocab_size):
+    """Rows per loss chunk: ~32 MB of fp32 logits (170 rows at vocab 49152, 262 at 32000) is still a
+    large, efficient matmul, and keeps the loss's transient memory well under the model's."""
+    return max(64, (1 << 23) // vocab_size)
+
+
 def _chunk_ce(head, h, targets):
     return F.cross_entropy(head(h).float(), targets, reduction="sum")
 
@@ -424,12 +439,12 @@ def lm_loss_sum(model, batch):
     selected = targets != IGNORE  # (B, T)
     h, y = hidden[selected], targets[selected]  # (N, C), (N,)
     head = model.lm_head
-    chunk_rows = max(64, (1 << 25) // model.config.vocab_size)  # ~128 MB of fp32 logits per chunk
+    chunk_rows = loss_chunk_rows(model.config.vocab_size)
     if type(head) is nn.Linear and head.bias is None and not head.weight.requires_grad:
         loss = LMHeadCrossEntropy.apply(h, head.weight, y, chunk_rows)
     else:  # a trained head (LoRA on lm_head): recompute each chunk's logits in backward instead
-        loss = sum(checkpoint(_chunk_ce, head, h[s:s + chunk_rows], y[s:s + chunk_rows], use_reentrant=False)
-                   for s in range(0, len(y), chunk_rows))
+        loss = sum((checkpoint(_chunk_ce, head, h[s:s + chunk_rows], y[s:s + chunk_rows], use_reentrant=False)
+                    for s in range(0, len(y), chunk_rows)), torch.zeros((), device=device))
     return loss, len(y)
 
 
@@ -525,7 +540,7 @@ def memory_estimate(config, cfg, dtype):
     tokens = cfg.batch_size * cfg.seq_len
     layer = tokens * (4 * C + 2 * kv + 3 * I) * item * 2 + cfg.batch_size * config.num_attention_heads * cfg.seq_len ** 2 * 4
     activations = (L * tokens * C * item + layer) if cfg.gradient_checkpointing else L * layer
-    loss = tokens * C * 4 + min(tokens, max(64, (1 << 25) // V)) * V * 4 * 2
+    loss = tokens * C * 4 + min(tokens, loss_chunk_rows(V)) * V * (4 + 2 + 2)  # fp32 + 2 bf16 logit copies
     total = weights + optimizer + activations + loss
     return (f"memory estimate: base weights {weights / 2**30:.2f} GiB + adapters and optimizer "
             f"{optimizer / 2**20:.0f} MiB + activations {activations / 2**30:.2f} GiB + loss "
@@ -627,7 +642,7 @@ def eval_loss(model, examples, cfg, pad_id):
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(examples), cfg.batch_size):
-        loss, n = lm_loss_sum(model, collate(examples[i:i + cfg.batch_size], pad_id, cfg.seq_len, cfg.packing))
+        loss, n = lm_loss_sum(model, make_batch(examples[i:i + cfg.batch_size], pad_id, cfg.packing))
         total, count = total + loss.item(), count + n
     model.train()
     return total / count
@@ -666,6 +681,8 @@ def resolve_config(argv):
 def main(argv=None):
     cfg, demo_rows = resolve_config(argv)
     # --- everything that can fail on bad input happens before the output directory exists
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     cfg.device = resolve_device(cfg.device)
     cfg.dtype = resolve_dtype(cfg.dtype, cfg.device)
     dtype = DTYPES[cfg.dtype]
@@ -683,6 +700,9 @@ def main(argv=None):
     examples, eval_examples = split_eval(examples, cfg.eval_fraction, cfg.seed)
     if not examples:
         raise ValueError(f"--eval-fraction {cfg.eval_fraction} leaves no training rows")
+    shown, n_rows = examples[0], len(examples)
+    if cfg.packing:  # from here on an "example" is a block of rows that fills at most seq_len tokens
+        examples, eval_examples = pack(examples, cfg.seq_len), pack(eval_examples, cfg.seq_len)
     steps_per_epoch = len(batch_order(len(examples), cfg.batch_size, cfg.grad_accum, 0, 0))
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     warmup_steps = math.ceil(cfg.warmup_ratio * total_steps)
@@ -695,11 +715,12 @@ def main(argv=None):
     config_json = json.dumps(dataclasses.asdict(cfg), indent=2)
     write_atomic(out_dir / "train_config.json", config_json)
     print("config:", config_json)
-    print(f"data: {counts['rows']} rows -> {len(examples)} train / {len(eval_examples)} eval; "
+    print(f"data: {counts['rows']} rows -> {n_rows} train / {len(eval_examples)} eval"
+          + (f" (packed into {len(examples)} train blocks)" if cfg.packing else "") + "; "
           f"{counts['truncated']} truncated to {cfg.seq_len} tokens, {counts['without_targets']} dropped "
           f"(nothing to train on); {total_steps} steps of {cfg.batch_size} x {cfg.grad_accum} rows")
     print(memory_estimate(llama.LlamaConfig.from_file(Path(model_dir) / "config.json"), cfg, cfg.dtype))
-    print("example (text in [[...]] is context only, not trained on):\n" + show_example(*examples[0], tokenizer))
+    print("example (text in [[...]] is context only, not trained on):\n" + show_example(*shown, tokenizer))
 
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -723,7 +744,7 @@ def main(argv=None):
             scaler.load_state_dict(saved["scaler"])
         state.update({k: v for k, v in json.loads((resume_from / "trainer_state.json").read_text()).items()
                       if k in state})
-        rng = torch.load(resume_from / "rng_state.pt", weights_only=False)  # python's state is a tuple
+        rng = torch.load(resume_from / "rng_state.pt", weights_only=True)
         torch.set_rng_state(rng["torch"])
         random.setstate(rng["python"])
         if rng["cuda"] and torch.cuda.is_available():
@@ -740,7 +761,7 @@ def main(argv=None):
     order = batch_order(len(examples), cfg.batch_size, cfg.grad_accum, cfg.seed, state["epoch"])
     while state["step"] < total_steps:
         t0 = time.perf_counter()
-        micro = [collate([examples[i] for i in rows], pad_id, cfg.seq_len, cfg.packing)
+        micro = [make_batch([examples[i] for i in rows], pad_id, cfg.packing)
                  for rows in order[state["batch"]]]
         n_targets = sum(int((b["targets"] != IGNORE).sum()) for b in micro)
         loss_sum = 0.0

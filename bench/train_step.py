@@ -127,6 +127,8 @@ def build_hf(model_dir, quant):
 
 def worker(args):
     import torch
+    if args.threads:
+        torch.set_num_threads(args.threads)
     name = args.worker
     quant = "nf4" if name.endswith("nf4") else "none"
     t0 = time.perf_counter()
@@ -165,6 +167,9 @@ def main(argv=None):
     p.add_argument("--only", default=",".join(CONFIGS), help="comma list of configurations to run")
     p.add_argument("--ref-python", default="/work/refvenv/bin/python",
                    help="interpreter with transformers + peft + bitsandbytes for the hf-* configurations")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads in every worker (0: torch's default, one per core); 1 gives steadier "
+                        "numbers on a machine other jobs are loading")
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--profile", action="store_true", help="print an op profile of one ours-nf4 step")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -179,7 +184,7 @@ def main(argv=None):
         write_checkpoint(model_dir)
         if args.profile:
             subprocess.run([sys.executable, __file__, "--worker", "ours-nf4", "--model-dir", str(model_dir),
-                            "--warmup", str(args.warmup), "--profile"], check=True)
+                            "--warmup", str(args.warmup), "--threads", str(args.threads), "--profile"], check=True)
             return
         results = []
         for name in args.only.split(","):
@@ -191,7 +196,8 @@ def main(argv=None):
                     print(f"{name}: skipped ({python} cannot import {', '.join(needs)})")
                     continue
             run = subprocess.run([python, __file__, "--worker", name, "--model-dir", str(model_dir),
-                                  "--steps", str(args.steps), "--warmup", str(args.warmup)],
+                                  "--steps", str(args.steps), "--warmup", str(args.warmup),
+                                  "--threads", str(args.threads)],
                                  capture_output=True, text=True)
             line = next((l for l in run.stdout.splitlines() if l.startswith("RESULT ")), None)
             if run.returncode or line is None:
@@ -204,7 +210,8 @@ def main(argv=None):
 
     ref = next((r for r in results if r["config"] == "hf-bnb-nf4"), None)
     print(f"\nbatch {BATCH} x {SEQ}, LoRA r {R} alpha {ALPHA} all-linear, bf16, AdamW, gradient checkpointing; "
-          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
+          f"{os.cpu_count()} CPUs, {results[0]['threads'] if results else '?'} torch threads, "
+          f"load average {os.getloadavg()[0]:.1f}")
     print("| config | tokens/s | step s (median) | peak RSS GB |" + (" vs hf-bnb-nf4 (speed, memory) |" if ref else ""))
     print("|---|---|---|---|" + ("---|" if ref else ""))
     for r in results:

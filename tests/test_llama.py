@@ -67,6 +67,7 @@ def test_bf16_parity():
         logits = model(exp["input_ids"])
     assert logits.dtype == torch.bfloat16
     ref = exp["logits_bf16"]
+    assert load(HF / "bf16", dtype=None).lm_head.weight.dtype == torch.bfloat16  # None: config.json's dtype
     ulp = 2.0 ** (torch.floor(torch.log2(ref.abs().max())).item() - 7)  # bf16 spacing at the largest logit
     torch.testing.assert_close(logits.float(), ref, rtol=0, atol=2 * ulp)
     ours, theirs = (logits.float() - exp["logits"]).abs().max(), (ref - exp["logits"]).abs().max()
@@ -270,7 +271,7 @@ def test_strict_keys_and_shapes(tmp_path):
         load(write_checkpoint(tmp_path / "a", {k: v for k, v in sd.items() if k != "model.norm.weight"}))
     with pytest.raises(ValueError, match="unexpected \\(1\\).*model.layers.2.mlp.up_proj.weight"):
         load(write_checkpoint(tmp_path / "b", sd | {"model.layers.2.mlp.up_proj.weight": torch.zeros(176, 64)}))
-    with pytest.raises(ValueError, match="wrong shape.*k_proj.weight: checkpoint \\[32, 64\\], config.json implies \\[64, 64\\]"):
+    with pytest.raises(ValueError, match=r"wrong shape.*k_proj.weight: checkpoint \[32, 64\], config.json implies \[64"):
         load(write_checkpoint(tmp_path / "c", sd, num_key_value_heads=4))
     # stray rope buffers of older transformers are ignored; a tied checkpoint may still carry lm_head
     d = write_checkpoint(tmp_path / "d", sd | {"model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(8)})
@@ -280,7 +281,7 @@ def test_strict_keys_and_shapes(tmp_path):
 
 
 def test_biases_load(tmp_path):
-    """attention_bias / mlp_bias checkpoints: every bias lands in its own linear, float and 4-bit."""
+    """attention_bias / mlp_bias checkpoints: every bias lands in its own linear (4-bit: test_llama_quant)."""
     sd = load_file(HF / "gqa" / "model.safetensors")
     gen = torch.Generator().manual_seed(0)
     biases = {k.replace(".weight", ".bias"): torch.randn(v.shape[0], generator=gen)
@@ -304,6 +305,12 @@ def test_load_errors(tmp_path, monkeypatch):
         llama.from_pretrained(tmp_path / "bin")
     with pytest.raises(ValueError, match="quant must be"):
         llama.from_pretrained(HF / "gqa", quant="int8")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        llama.from_pretrained(tmp_path / "empty")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="is a file"):
+        llama.from_pretrained(tmp_path / "file")
 
     # no network in tests: conftest sets HF_HUB_OFFLINE=1, and this repo is in no cache
     with pytest.raises(ConnectionError, match="not in the local Hugging Face cache and HF_HUB_OFFLINE is set"):
@@ -346,3 +353,29 @@ def test_hub_snapshot_is_used(tmp_path, monkeypatch):
     assert "model*.safetensors" in seen["allow_patterns"] and "*.bin" not in seen["allow_patterns"]
     llama.resolve_checkpoint("owner/tiny", token="hf_arg")
     assert seen["token"] == "hf_arg"
+
+    # a repo with only pytorch_model.bin: the snapshot holds no safetensors; the listing names the .bin
+    (tmp_path / "config.json").write_text((HF / "gqa" / "config.json").read_text())
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id, **kw: str(tmp_path))
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files",
+                        lambda self, *a, **kw: ["config.json", "pytorch_model.bin"])
+    with pytest.raises(ValueError, match="only PyTorch .bin weights \\(pytorch_model.bin"):
+        llama.from_pretrained("owner/old")
+
+
+def test_packed_rows_with_a_block_diagonal_mask():
+    """A ready (B, 1, T, S) boolean mask with explicit position_ids (train.py packs several examples in a
+    row): each packed example gets exactly the logits it has alone."""
+    model = load(HF / "gqa")
+    ids = expected("gqa")["input_ids"]
+    a, b = ids[0, :40], ids[1, :24]
+    seg = torch.cat([torch.zeros(40, dtype=torch.long), torch.ones(24, dtype=torch.long)])
+    causal = torch.ones(64, 64, dtype=torch.bool).tril()
+    mask = (causal & (seg[:, None] == seg[None, :]))[None, None]  # (1, 1, T, S)
+    pos = torch.cat([torch.arange(40), torch.arange(24)])[None]
+    with torch.no_grad():
+        packed = model(torch.cat([a, b])[None], attention_mask=mask, position_ids=pos)[0]
+        assert_logits_close(packed[:40], model(a[None])[0])
+        assert_logits_close(packed[40:], model(b[None])[0])
+    with pytest.raises(ValueError, match="needs explicit position_ids"):
+        model(torch.cat([a, b])[None], attention_mask=mask)

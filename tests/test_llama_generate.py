@@ -42,7 +42,8 @@ def test_tokenizer_files(tmp_path):
     """Special tokens also come from special_tokens_map.json (AddedToken dicts) and generation_config.json
     (every EOS id, e.g. Llama 3's list); the chat template from tokenizer_config.json."""
     shutil.copy(HF / "gqa" / "tokenizer.json", tmp_path)
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ bos_token }}{{ messages[0]['content'] }}"}))
+    template = "{{ bos_token }}{{ messages[0]['content'] }}"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
     (tmp_path / "special_tokens_map.json").write_text(json.dumps({
         "bos_token": {"content": "<|begin_of_text|>", "lstrip": False}, "eos_token": "<|end_of_text|>"}))
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [1, 2], "pad_token_id": 2}))
@@ -76,7 +77,9 @@ def test_chat_template_matches_transformers(tok):
 
 # A Llama-2-style template exercising what hub templates use: whitespace control, trim_blocks and
 # lstrip_blocks, raise_exception, a tojson that does not HTML-escape, loop controls, bos/eos variables.
-LLAMA2_STYLE = """{%- if messages[0]['role'] == 'system' %}{%- set sys = messages[0]['content'] %}{%- set messages = messages[1:] %}{%- else %}{%- set sys = '' %}{%- endif %}
+LLAMA2_STYLE = """{%- if messages[0]['role'] == 'system' %}
+    {%- set sys = messages[0]['content'] %}{%- set messages = messages[1:] %}
+{%- else %}{%- set sys = '' %}{%- endif %}
 {{- bos_token }}
 {%- if sys %}<<SYS>>{{ sys | tojson }}<</SYS>>
 {% endif %}
@@ -101,9 +104,14 @@ def test_chat_template_helpers_match_transformers(tok):
             {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Bye"}]
     # reference: transformers 5.24 apply_chat_template(msgs, chat_template=LLAMA2_STYLE, add_generation_prompt=True)
     assert t.apply_chat_template(msgs, add_generation_prompt=True) == \
-        '<|begin_of_text|><<SYS>>"Say \\"<ok>\\" & stop"<</SYS>>\n[INST] Hi [/INST] Hello<|end_of_text|>[INST] Bye [/INST] <a&b>'
+        '<|begin_of_text|><<SYS>>"Say \\"<ok>\\" & stop"<</SYS>>\n' \
+        '[INST] Hi [/INST] Hello<|end_of_text|>[INST] Bye [/INST] <a&b>'
     with pytest.raises(jinja2.exceptions.TemplateError, match="must alternate"):
         t.apply_chat_template([msgs[1], msgs[1]])
+    # {% generation %} (assistant-mask markers in some hub templates) renders its body
+    marked = llama.Tokenizer(tok.tokenizer, chat_template="{% for m in messages %}{% generation %}"
+                             "{{ m['content'] }}{% endgeneration %}|{% endfor %}")
+    assert marked.apply_chat_template(msgs[:2]) == 'Say "<ok>" & stop| Hi |'
     # the sandbox: templates cannot reach Python internals
     evil = llama.Tokenizer(tok.tokenizer, chat_template="{{ messages.__class__.__mro__ }}")
     with pytest.raises(jinja2.exceptions.SecurityError):

@@ -148,3 +148,22 @@ def test_quantized_biases(tmp_path):
     ids = load_file(HF / "expected" / "gqa.safetensors")["input_ids"]
     with torch.no_grad():
         assert torch.equal(q(ids), q2(ids))
+
+
+@pytest.mark.cuda
+def test_cuda_load_matches_cpu():
+    """Quantize-on-load on the GPU: the same 4-bit codes as on the CPU (the double-quant offset may differ in
+    its last bit, a CUDA mean; fixtures/bnb/README.md), everything on the device, and close logits."""
+    ids = load_file(HF / "expected" / "gqa.safetensors")["input_ids"]
+    cpu = llama.from_pretrained(HF / "gqa", quant="nf4", dtype=torch.bfloat16, device="cpu")
+    gpu = llama.from_pretrained(HF / "gqa", quant="nf4", dtype=torch.bfloat16, device="cuda")
+    assert all(t.is_cuda for t in list(gpu.parameters()) + list(gpu.buffers()))
+    sd_cpu, sd_gpu = cpu.state_dict(), gpu.state_dict()
+    for key in sd_cpu:
+        if key.endswith(".weight") and sd_cpu[key].dtype == torch.uint8:  # the packed codes
+            assert torch.equal(sd_gpu[key].cpu(), sd_cpu[key]), key
+    with torch.no_grad():
+        ref, out = cpu(ids).float(), gpu(ids.cuda()).float().cpu()
+    torch.testing.assert_close(out, ref, rtol=0, atol=0.05 * ref.abs().max().item())
+    tok = llama.Tokenizer.from_dir(HF / "gqa")
+    assert len(llama.generate(gpu, tok, ids[0, :8].tolist(), max_new_tokens=4)[0]) <= 4

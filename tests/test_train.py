@@ -145,13 +145,38 @@ def test_chunked_cross_entropy_matches_full_logits(dtype):
     torch.testing.assert_close(h.grad.float(), h_ref.grad.float(), rtol=tol[0], atol=tol[1])
 
 
+def test_trained_head_falls_back_to_checkpointed_chunks(tok):
+    model = llama.from_pretrained(GQA, quant=None, dtype=torch.float32)
+    lora.add_lora(model, r=4, alpha=8, dropout=0.0)
+    for p in model.parameters():  # non-zero B, so the adapters' gradients are not trivially equal
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.1)
+    rows = [{"prompt": "one two", "completion": " three four"}, {"text": "five six seven"}]
+    batch = train.collate([train.tokenize_row(r, "", tok) for r in rows], tok.pad_id)
+
+    def loss_and_grads():
+        model.zero_grad()
+        loss, n = train.lm_loss_sum(model, batch)
+        (loss / n).backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    fused, fused_grads = loss_and_grads()  # frozen head: LMHeadCrossEntropy
+    model.lm_head.weight.requires_grad_(True)  # a trained head: the checkpointed F.cross_entropy path
+    plain, plain_grads = loss_and_grads()
+    torch.testing.assert_close(fused, plain, rtol=1e-6, atol=1e-6)
+    assert len(plain_grads) == len(fused_grads) + 1  # the head's own gradient comes last
+    for a, b in zip(fused_grads, plain_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)  # fp32 sums in a different order
+
+
 def test_packing_has_no_attention_across_rows(tok):
     model = llama.from_pretrained(GQA, quant=None, dtype=torch.float32)
     rows = [{"prompt": "one two", "completion": " three"}, {"text": "four five six seven"},
             {"prompt": "eight", "completion": " nine ten"}]
     examples = [train.tokenize_row(r, "", tok) for r in rows]
-    packed = train.collate(examples, tok.pad_id, seq_len=64, packing=True)
-    assert packed["input_ids"].shape[0] == 1  # all three rows share one block
+    blocks = train.pack(examples * 2, seq_len=sum(len(ids) for ids, _ in examples) + 1)
+    assert [len(b) for b in blocks] == [3, 3]
+    packed = train.collate_packed(blocks[:1], tok.pad_id)
     loss, n = train.lm_loss_sum(model, packed)
     separate = [train.lm_loss_sum(model, train.collate([e], tok.pad_id)) for e in examples]
     assert n == sum(k for _, k in separate)
@@ -238,10 +263,17 @@ def test_accumulation_normalizes_by_all_supervised_tokens(tmp_path):
         torch.testing.assert_close(fa[k], fb[k], rtol=1e-4, atol=1e-6)
 
 
-def test_messages_data_and_nan_stop(tmp_path):
+def test_packed_messages_run_and_nan_stop(tmp_path, tok):
     rows = [{"messages": [{"role": "user", "content": f"hi {i}"}, {"role": "assistant", "content": f"yo {i}"}]}
-            for i in range(4)]
+            for i in range(12)]
     data = write_jsonl(tmp_path / "d.jsonl", rows)
+    out = tmp_path / "packed"
+    lengths = [len(train.tokenize_row(r, "", tok)[0]) for r in rows]
+    seq_len = 3 * max(lengths)  # 3 rows per block: 4 blocks, 2 steps of 2 blocks per epoch
+    train.main(["--model", str(GQA), "--data", str(data), "--output-dir", str(out), "--packing", "--seq-len",
+                str(seq_len), "--batch-size", "2", "--grad-accum", "1", "--epochs", "2", *FAST])
+    m = metrics(out)
+    assert [r["step"] for r in m] == [1, 2, 3, 4] and m[-1]["tokens"] == 2 * sum(lengths)
     with pytest.raises(FloatingPointError, match="loss became"):
         train.main(["--model", str(GQA), "--data", str(data), "--output-dir", str(tmp_path / "o"), "--lr", "1e30",
                     "--max-steps", "4", "--max-grad-norm", "0", *FAST])
