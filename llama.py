@@ -221,9 +221,9 @@ class Attention(nn.Module):
         k = k * cos + rotate_half(k) * sin
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, K, S, D)
-        # GQA: query head h uses kv head h // (H/K), so each kv head is repeated for *adjacent* query heads
-        k = k.repeat_interleave(H // K, dim=1)  # (B, H, S, D)
-        v = v.repeat_interleave(H // K, dim=1)  # (B, H, S, D)
+        if H != K:  # GQA: query head h reads kv head h // (H/K), so repeat each for *adjacent* query heads
+            k = k.repeat_interleave(H // K, dim=1)  # (B, H, S, D)
+            v = v.repeat_interleave(H // K, dim=1)  # (B, H, S, D)
         # mask None: plain causal when T == S; a single new token (T == 1) may see every cached key.
         # SDPA's is_causal aligns the triangle top-left, which is wrong for T < S, hence the explicit
         # mask the model builds for that case.

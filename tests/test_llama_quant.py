@@ -14,13 +14,13 @@ from conftest import BNB, HF
 BNB_DIR = BNB / "tiny_llama_nf4_dq"
 
 
-def quantize_after(model, quant_type, dtype):
+def quantize_after(model, quant_type, dtype, double_quant=True, blocksize=64):
     """The obvious two-step way: a float model, then every linear but lm_head swapped for a Linear4bit."""
     for name, module in list(model.named_modules()):
         if isinstance(module, torch.nn.Linear) and name != "lm_head":
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child,
-                    nf4.Linear4bit.from_linear(module, quant_type, 64, True, compute_dtype=dtype))
+                    nf4.Linear4bit.from_linear(module, quant_type, blocksize, double_quant, compute_dtype=dtype))
     return model
 
 
@@ -28,15 +28,16 @@ def rel_rms(a, b):
     return ((a.float() - b.float()).pow(2).mean().sqrt() / b.float().pow(2).mean().sqrt()).item()
 
 
-@pytest.mark.parametrize("quant", ["nf4", "fp4"])
-def test_quantize_on_load_equals_quantize_after_float_load(quant):
+@pytest.mark.parametrize("quant,double_quant,blocksize", [("nf4", True, 64), ("fp4", False, 128)])
+def test_quantize_on_load_equals_quantize_after_float_load(quant, double_quant, blocksize):
     ids = load_file(HF / "expected" / "gqa.safetensors")["input_ids"]
-    q = llama.from_pretrained(HF / "gqa", quant=quant, dtype=torch.bfloat16, device="cpu")
+    q = llama.from_pretrained(HF / "gqa", quant=quant, dtype=torch.bfloat16, device="cpu",
+                              double_quant=double_quant, blocksize=blocksize)
     ref = quantize_after(llama.from_pretrained(HF / "gqa", quant=None, dtype=torch.bfloat16, device="cpu"),
-                         quant, torch.bfloat16)
-    linears = [n for n, m in q.named_modules() if isinstance(m, nf4.Linear4bit)]
+                         quant, torch.bfloat16, double_quant, blocksize)
+    linears = [q.get_submodule(n) for n, m in q.named_modules() if isinstance(m, nf4.Linear4bit)]
     assert len(linears) == 14 and isinstance(q.lm_head, torch.nn.Linear)  # 7 per layer; lm_head stays float
-    assert all(q.get_submodule(n).quant_type == quant and q.get_submodule(n).double_quant for n in linears)
+    assert all((m.quant_type, m.double_quant, m.blocksize) == (quant, double_quant, blocksize) for m in linears)
     sd, sd_ref = q.state_dict(), ref.state_dict()
     assert list(sd) == list(sd_ref)
     for key in sd:
