@@ -39,7 +39,6 @@ import json
 import math
 import os
 import random
-import resource
 import shutil
 import sys
 import time
@@ -77,15 +76,15 @@ def _flag(default, help, **argparse_kwargs):
 
 @dataclass
 class TrainConfig:
-    model: str = _flag(None, "hub id or local directory of a Llama checkpoint; omitted: the offline demo "
-                             "(SmolLM2-135M-Instruct on an embedded task)", type=str)
-    revision: str = _flag(None, "hub revision (branch, tag or commit) of --model", type=str)
-    data: str = _flag(None, "a .jsonl/.json/.parquet/.txt file or a hub dataset id; rows are {text}, "
-                            "{prompt, completion}, {instruction, input, output} or {messages}; default: "
-                            f"{DEFAULT_DATASET} (the demo's own data without --model)", type=str)
+    model: str | None = _flag(None, "hub id or local directory of a Llama checkpoint; omitted: the offline "
+                                    "demo (SmolLM2-135M-Instruct on an embedded task)", type=str)
+    revision: str | None = _flag(None, "hub revision (branch, tag or commit) of --model", type=str)
+    data: str | None = _flag(None, "a .jsonl/.json/.parquet/.txt file or a hub dataset id; rows are {text}, "
+                                   "{prompt, completion}, {instruction, input, output} or {messages}; default: "
+                                   f"{DEFAULT_DATASET} (the demo's own data without --model)", type=str)
     data_split: str = _flag("train", "split of a hub dataset (or a directory of data files) to train on")
-    output_dir: str = _flag(None, "where adapters, checkpoints and metrics go; default runs/<YYYYmmdd-HHMMSS>",
-                            type=str)
+    output_dir: str | None = _flag(None, "where adapters, checkpoints and metrics go; default "
+                                         "runs/<YYYYmmdd-HHMMSS>", type=str)
     quant: str = _flag("nf4", "4-bit data type of the frozen base (QLoRA §3 NF4), or none for plain LoRA",
                        choices=["nf4", "fp4", "none"])
     double_quant: bool = _flag(True, "quantize the 4-bit block constants again (QLoRA §3, ~0.37 bit/param)")
@@ -115,8 +114,8 @@ class TrainConfig:
     log_every: int = _flag(1, "write a metrics.jsonl line every N steps")
     save_every: int = _flag(250, "write checkpoint-<step>/ every N steps (and always at the end); 0: end only")
     save_total_limit: int = _flag(3, "keep only the newest N checkpoint dirs; 0 keeps all")
-    resume: str = _flag(None, "continue from a checkpoint-<step> dir, or 'auto' for the newest in --output-dir",
-                        type=str)
+    resume: str | None = _flag(None, "continue from a checkpoint-<step> dir, or 'auto' for the newest in "
+                                     "--output-dir", type=str)
     device: str = _flag("auto", "auto: CUDA if available, else CPU (slow)", choices=["auto", "cuda", "cpu"])
     dtype: str = _flag("auto", "compute dtype; auto: bf16 where the hardware has it, else fp16 with loss "
                                "scaling on GPU, fp32 on CPU", choices=["auto", *DTYPES])
@@ -142,7 +141,9 @@ def build_parser():
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
         else:
             meta.setdefault("type", f.type)
-            parser.add_argument(flag, help=help_text, metavar=f.name.upper(), **meta)
+            if "choices" not in meta:  # with choices, argparse shows them: --quant {nf4,fp4,none}
+                meta["metavar"] = f.name.upper()
+            parser.add_argument(flag, help=help_text, **meta)
     return parser
 
 
@@ -151,7 +152,8 @@ def validate(cfg):
     for name in positive:
         if getattr(cfg, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(cfg, name)}")
-    for name in ["threads", "max_steps", "eval_every", "save_every", "save_total_limit", "weight_decay", "max_grad_norm"]:
+    for name in ["threads", "max_steps", "eval_every", "save_every", "save_total_limit", "weight_decay",
+                 "max_grad_norm"]:
         if getattr(cfg, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
     if cfg.seq_len < 2:
@@ -257,6 +259,7 @@ def _segments(row, where, tokenizer):
 
     if not isinstance(row, dict):
         raise ValueError(f"{where}: expected a JSON object per row, got {type(row).__name__}")
+    row = {k: v for k, v in row.items() if v is not None}  # parquet gives every row every column, as null
     if "messages" in row:
         return _chat_segments(row["messages"], where, tokenizer)
     if "prompt" in row and "completion" in row:
@@ -517,6 +520,7 @@ def load_model(cfg, model_dir, device, dtype):
 def peak_memory_gb(device):
     if device == "cuda":
         return torch.cuda.max_memory_allocated() / 2**30
+    import resource  # Unix only
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
@@ -538,7 +542,9 @@ def memory_estimate(config, cfg, dtype):
     adapters = L * cfg.lora_r * sum(i + o for i, o in shapes) if cfg.lora_targets == "all-linear" else 0
     optimizer = adapters * (4 + 4 + (2 if cfg.optim == "paged_adamw_8bit" else 8))  # weight, grad, 2 moments
     tokens = cfg.batch_size * cfg.seq_len
-    layer = tokens * (4 * C + 2 * kv + 3 * I) * item * 2 + cfg.batch_size * config.num_attention_heads * cfg.seq_len ** 2 * 4
+    # one layer's internals while it runs (in backward), attention scores counted as if materialized
+    scores = cfg.batch_size * config.num_attention_heads * cfg.seq_len ** 2 * 4
+    layer = tokens * (4 * C + 2 * kv + 3 * I) * item * 2 + scores
     activations = (L * tokens * C * item + layer) if cfg.gradient_checkpointing else L * layer
     loss = tokens * C * 4 + min(tokens, loss_chunk_rows(V)) * V * (4 + 2 + 2)  # fp32 + 2 bf16 logit copies
     total = weights + optimizer + activations + loss
@@ -759,6 +765,9 @@ def main(argv=None):
     model.train()
     started = time.perf_counter() - state["elapsed_s"]
     order = batch_order(len(examples), cfg.batch_size, cfg.grad_accum, cfg.seed, state["epoch"])
+    if state["batch"] >= len(order):
+        raise ValueError(f"{resume_from} stopped at batch {state['batch']} of epoch {state['epoch']}, but this data "
+                         f"with these batch settings has {len(order)} steps per epoch: resume with the run's settings")
     while state["step"] < total_steps:
         t0 = time.perf_counter()
         micro = [make_batch([examples[i] for i in rows], pad_id, cfg.packing)

@@ -15,9 +15,10 @@ Configurations, each in its own fresh subprocess so ru_maxrss is that configurat
   hf-bf16       transformers + peft on the plain bf16 model
 The reference configurations run when their interpreter can import transformers, peft and bitsandbytes.
 
-tokens/s = B*T / median step time over the measured steps (after warm-up steps); peak RSS = the
-process's ru_maxrss, loading included. Timings on a shared machine move with its load: the load average
-is printed with the table.
+tokens/s = B*T / median wall time of the measured steps (after warm-up steps); CPU s = median process
+CPU time of a step (all threads); peak RSS = the process's ru_maxrss, loading included. Wall times on a
+shared machine move with its load (printed with the table); with --threads 1 the CPU time is the steadier
+figure for comparing configurations.
 
 Usage:
   python bench/train_step.py [--steps 6] [--warmup 2] [--json bench/train_step.json]
@@ -76,12 +77,12 @@ def write_checkpoint(directory):
 # ---------------------------------------------------------------------------------------------------
 # Workers: build the model, then time training steps. Each returns a function running one step.
 
-def build_ours(model_dir, quant):
+def build_ours(model_dir, quant, checkpointing=True):
     import torch
     sys.path.insert(0, str(ROOT))
     import train
     cfg = train.TrainConfig(model=str(model_dir), quant=quant, lora_r=R, lora_alpha=ALPHA, lora_dropout=0.0,
-                            dtype="bfloat16", gradient_checkpointing=True)
+                            dtype="bfloat16", gradient_checkpointing=checkpointing)
     model = train.load_model(cfg, model_dir, "cpu", torch.bfloat16)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -98,7 +99,7 @@ def build_ours(model_dir, quant):
     return step
 
 
-def build_hf(model_dir, quant):
+def build_hf(model_dir, quant, checkpointing=True):
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -108,7 +109,8 @@ def build_hf(model_dir, quant):
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, device_map="cpu", **kwargs)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     model = get_peft_model(model, LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0, target_modules="all-linear",
                                              task_type="CAUSAL_LM"))
@@ -132,7 +134,8 @@ def worker(args):
     name = args.worker
     quant = "nf4" if name.endswith("nf4") else "none"
     t0 = time.perf_counter()
-    step = build_ours(args.model_dir, quant) if name.startswith("ours") else build_hf(args.model_dir, quant)
+    build = build_ours if name.startswith("ours") else build_hf
+    step = build(args.model_dir, quant, checkpointing=not args.no_checkpointing)
     load_s = time.perf_counter() - t0
     if args.profile:
         for _ in range(args.warmup):
@@ -142,14 +145,16 @@ def worker(args):
             step()
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
         return
-    times, losses = [], []
+    times, cpu_times, losses = [], [], []
     for i in range(args.warmup + args.steps):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         losses.append(step())
         if i >= args.warmup:
             times.append(time.perf_counter() - t)
+            cpu_times.append(time.process_time() - c)
     result = {"config": name, "tokens_per_s": BATCH * SEQ / statistics.median(times),
-              "step_s_median": statistics.median(times), "step_s_all": times, "loss_first": losses[0],
+              "step_s_median": statistics.median(times), "step_s_all": times,
+              "cpu_s_median": statistics.median(cpu_times), "loss_first": losses[0],
               "load_s": load_s, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
               "torch": torch.__version__, "threads": torch.get_num_threads()}
     print("RESULT " + json.dumps(result))
@@ -170,6 +175,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads in every worker (0: torch's default, one per core); 1 gives steadier "
                         "numbers on a machine other jobs are loading")
+    p.add_argument("--no-checkpointing", action="store_true",
+                   help="run every configuration without gradient checkpointing (train.py's default is on)")
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--profile", action="store_true", help="print an op profile of one ours-nf4 step")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -197,26 +204,31 @@ def main(argv=None):
                     continue
             run = subprocess.run([python, __file__, "--worker", name, "--model-dir", str(model_dir),
                                   "--steps", str(args.steps), "--warmup", str(args.warmup),
-                                  "--threads", str(args.threads)],
+                                  "--threads", str(args.threads)] + ["--no-checkpointing"] * args.no_checkpointing,
                                  capture_output=True, text=True)
             line = next((l for l in run.stdout.splitlines() if l.startswith("RESULT ")), None)
             if run.returncode or line is None:
                 print(f"{name}: failed\n{run.stderr[-3000:]}")
                 continue
             results.append(json.loads(line[len("RESULT "):]))
-            print(f"{name}: {results[-1]['tokens_per_s']:.0f} tokens/s, {results[-1]['peak_rss_gb']:.2f} GB", flush=True)
+            r = results[-1]
+            print(f"{name}: {r['tokens_per_s']:.0f} tokens/s, {r['peak_rss_gb']:.2f} GB", flush=True)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
     ref = next((r for r in results if r["config"] == "hf-bnb-nf4"), None)
-    print(f"\nbatch {BATCH} x {SEQ}, LoRA r {R} alpha {ALPHA} all-linear, bf16, AdamW, gradient checkpointing; "
+    print(f"\nbatch {BATCH} x {SEQ}, LoRA r {R} alpha {ALPHA} all-linear, bf16, AdamW, gradient checkpointing "
+          f"{'off' if args.no_checkpointing else 'on'}; "
           f"{os.cpu_count()} CPUs, {results[0]['threads'] if results else '?'} torch threads, "
           f"load average {os.getloadavg()[0]:.1f}")
-    print("| config | tokens/s | step s (median) | peak RSS GB |" + (" vs hf-bnb-nf4 (speed, memory) |" if ref else ""))
-    print("|---|---|---|---|" + ("---|" if ref else ""))
+    print("| config | tokens/s | step s (median) | CPU s per step | peak RSS GB |"
+          + (" vs hf-bnb-nf4: speed, CPU time, memory |" if ref else ""))
+    print("|---|---|---|---|---|" + ("---|" if ref else ""))
     for r in results:
-        rel = f" {r['tokens_per_s'] / ref['tokens_per_s']:.2f}x, {r['peak_rss_gb'] / ref['peak_rss_gb']:.2f}x |" if ref else ""
-        print(f"| {r['config']} | {r['tokens_per_s']:.0f} | {r['step_s_median']:.3f} | {r['peak_rss_gb']:.2f} |{rel}")
+        rel = (f" {r['tokens_per_s'] / ref['tokens_per_s']:.2f}x, {r['cpu_s_median'] / ref['cpu_s_median']:.2f}x, "
+               f"{r['peak_rss_gb'] / ref['peak_rss_gb']:.2f}x |") if ref else ""
+        print(f"| {r['config']} | {r['tokens_per_s']:.0f} | {r['step_s_median']:.3f} | {r['cpu_s_median']:.2f} | "
+              f"{r['peak_rss_gb']:.2f} |{rel}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 
