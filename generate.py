@@ -20,9 +20,7 @@ import torch
 
 import llama
 import lora
-from merge import latest_run, train_config
-
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+from merge import DTYPES, QUANT_DEFAULTS, latest_run, train_config
 
 
 class Streamer:
@@ -66,10 +64,12 @@ def resolve_model_and_adapter(model, adapter):
 def load(model_id, adapter, quant, dtype, device, run):
     """The model as the run trained it: its 4-bit format, blocksize, double quant (`run` = its
     train_config.json, {} when unknown), unless --quant says otherwise."""
-    same = quant == run.get("quant", "nf4")
+    # The run's blocksize and double quant belong to the run's own format; another --quant gets the
+    # defaults (merge.QUANT_DEFAULTS, which merge.py's --base dequantized falls back to as well).
+    own = run if quant == run.get("quant", QUANT_DEFAULTS["quant_type"]) else {}
     model = llama.from_pretrained(model_id, quant=None if quant == "none" else quant, dtype=dtype, device=device,
-                                  blocksize=run.get("blocksize", 64) if same else 64,
-                                  double_quant=run.get("double_quant", True) if same else True)
+                                  blocksize=own.get("blocksize", QUANT_DEFAULTS["blocksize"]),
+                                  double_quant=own.get("double_quant", QUANT_DEFAULTS["double_quant"]))
     if adapter is not None:
         lora.load_adapter(model, adapter)  # A and B land on the base layer's device
     model.eval()
@@ -159,7 +159,7 @@ def main(argv=None, stdin=None, out=None):
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model_id, adapter = resolve_model_and_adapter(args.model, args.adapter)
     run = train_config(adapter) if adapter is not None else {}
-    quant = args.quant or run.get("quant", "nf4")
+    quant = args.quant or run.get("quant", QUANT_DEFAULTS["quant_type"])
     dtype_name = args.dtype or run.get("dtype") or ("bfloat16" if device.type == "cuda" else "float32")
     model, tokenizer = load(model_id, adapter, quant, DTYPES[dtype_name], device, run)
     use_template = tokenizer.chat_template is not None and not args.no_chat_template

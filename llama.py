@@ -793,23 +793,26 @@ def generate(model: Llama, tokenizer: Tokenizer | None, prompt_ids: list[int] | 
 
     was_training = model.training
     model.eval()
-    cache = KVCache(model, B, L + max_new_tokens)
-    logits = model(ids, attention_mask=mask if padded else None, cache=cache)[:, -1]  # (B, V)
     out, done = [[] for _ in prompts], [False] * B
-    for step in range(max_new_tokens):
-        next_ids = sample_token(logits, temperature, top_p, generator)  # (B,)
-        new = []
-        for row, token in enumerate(next_ids.tolist()):
-            if not done[row] and token in eos:
-                done[row] = True
-            new.append(None if done[row] else token)
-            if not done[row]:
-                out[row].append(token)
-        if stream is not None:
-            stream(new)
-        if all(done) or step == max_new_tokens - 1:
-            break
-        mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)  # (B, S)
-        logits = model(next_ids[:, None], attention_mask=mask if padded else None, cache=cache)[:, -1]
-    model.train(was_training)
+    try:  # restore the caller's train/eval mode even when a stream callback or Ctrl-C stops us early
+        cache = KVCache(model, B, L + max_new_tokens)
+        logits = model(ids, attention_mask=mask if padded else None, cache=cache)[:, -1]  # (B, V)
+        for step in range(max_new_tokens):
+            next_ids = sample_token(logits, temperature, top_p, generator)  # (B,)
+            new = []
+            for row, token in enumerate(next_ids.tolist()):
+                if not done[row] and token in eos:
+                    done[row] = True
+                new.append(None if done[row] else token)
+                if not done[row]:
+                    out[row].append(token)
+            if stream is not None:
+                stream(new)
+            if all(done) or step == max_new_tokens - 1:
+                break
+            mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)  # (B, S)
+            logits = model(next_ids[:, None], attention_mask=mask if padded else None,  # (B, 1) -> (B, V)
+                           cache=cache)[:, -1]
+    finally:
+        model.train(was_training)
     return out

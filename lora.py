@@ -270,8 +270,9 @@ def adapter_config(directory):
     return config
 
 
-def _atomic_write(path, write):
-    """write(tmp_path) into a temp file in path's directory, then rename over path (never a torn file)."""
+def atomic_write(path, write):
+    """write(tmp_path) into a temp file in path's directory, then rename over path (never a torn file).
+    Shared with train.py (metrics, config, loss plot): the one atomic-write helper of the project."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
@@ -317,9 +318,9 @@ def save_adapter(model, directory, base_model_name_or_path):
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     # Weights first: a directory holding adapter_config.json counts as a finished adapter (see DESIGN.md).
-    _atomic_write(directory / ADAPTER_WEIGHTS, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    atomic_write(directory / ADAPTER_WEIGHTS, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
     text = json.dumps(config, indent=2, sort_keys=True)
-    _atomic_write(directory / ADAPTER_CONFIG, lambda p: Path(p).write_text(text))
+    atomic_write(directory / ADAPTER_CONFIG, lambda p: Path(p).write_text(text))
 
 
 def _dropout_p(layer):

@@ -90,7 +90,7 @@ class Adapter:
                                     "training run (or a checkpoint-<step>/ dir inside one)")
         self.config = lora.adapter_config(adapter_dir)  # refuses what we cannot merge (DoRA, patterns, ...)
         r, alpha = self.config["r"], self.config["lora_alpha"]
-        self.scaling = alpha / math.sqrt(r) if self.config.get("use_rslora") else alpha / r
+        self.scaling = lora.lora_scaling(r, alpha, bool(self.config.get("use_rslora")))
         self.file = adapter_dir / lora.ADAPTER_WEIGHTS
         if self.file.is_file():
             with safe_open(self.file, framework="pt") as f:
@@ -372,7 +372,11 @@ def merge_checkpoint(adapter_dir, output_dir, model, dtype_name, base, max_shard
         if output_dir.exists():  # --force: swap the new directory in, then drop the old one
             old = output_dir.parent / f".{output_dir.name}.old-{os.getpid()}"
             os.replace(output_dir, old)
-            os.replace(tmp, output_dir)
+            try:
+                os.replace(tmp, output_dir)
+            except BaseException:
+                os.replace(old, output_dir)  # put the previous output back rather than leave none
+                raise
             shutil.rmtree(old)
         else:
             os.replace(tmp, output_dir)

@@ -598,12 +598,6 @@ def find_checkpoint(resume, output_dir):
     return max(found, key=lambda p: int(p.name.split("-")[1])) if found else None
 
 
-def write_atomic(path, text):
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def plot_losses(out_dir):
     try:
         import matplotlib
@@ -613,15 +607,17 @@ def plot_losses(out_dir):
         return None
     lines = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([m["step"] for m in lines], [m["loss"] for m in lines], label="train")
-    evals = [m for m in lines if "eval_loss" in m]
-    if evals:
-        ax.plot([m["step"] for m in evals], [m["eval_loss"] for m in evals], "o-", label="eval")
-    ax.set(xlabel="step", ylabel="loss", title=out_dir.name)
-    ax.legend()
-    fig.savefig(out_dir / ".loss.png.tmp.png", dpi=100)
-    plt.close(fig)
-    os.replace(out_dir / ".loss.png.tmp.png", out_dir / "loss.png")
+    try:
+        ax.plot([m["step"] for m in lines], [m["loss"] for m in lines], label="train")
+        evals = [m for m in lines if "eval_loss" in m]
+        if evals:
+            ax.plot([m["step"] for m in evals], [m["eval_loss"] for m in evals], "o-", label="eval")
+        ax.set(xlabel="step", ylabel="loss", title=out_dir.name)
+        ax.legend()
+        # format="png": the temp file's name ends in .tmp, which matplotlib cannot infer a format from
+        lora.atomic_write(out_dir / "loss.png", lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    finally:
+        plt.close(fig)  # pyplot keeps every open figure alive otherwise
     return out_dir / "loss.png"
 
 
@@ -719,7 +715,7 @@ def main(argv=None):
 
     out_dir.mkdir(parents=True, exist_ok=True)
     config_json = json.dumps(dataclasses.asdict(cfg), indent=2)
-    write_atomic(out_dir / "train_config.json", config_json)
+    lora.atomic_write(out_dir / "train_config.json", lambda tmp: Path(tmp).write_text(config_json))
     print("config:", config_json)
     print(f"data: {counts['rows']} rows -> {n_rows} train / {len(eval_examples)} eval"
           + (f" (packed into {len(examples)} train blocks)" if cfg.packing else "") + "; "
@@ -759,7 +755,7 @@ def main(argv=None):
     metrics_path = out_dir / "metrics.jsonl"
     if metrics_path.exists():  # forget steps after the checkpoint we resume from (or an older run's)
         kept = [l for l in metrics_path.read_text().splitlines() if json.loads(l)["step"] <= state["step"]]
-        write_atomic(metrics_path, "".join(l + "\n" for l in kept))
+        lora.atomic_write(metrics_path, lambda tmp: Path(tmp).write_text("".join(l + "\n" for l in kept)))
 
     bar = tqdm(total=total_steps, initial=state["step"], desc="train", dynamic_ncols=True)
     model.train()
