@@ -395,3 +395,16 @@ def test_cli_help_and_unknown_flag():
     bad = subprocess.run([sys.executable, "train.py", "--model", str(GQA), "--bogus"], cwd=ROOT,
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "unrecognized arguments: --bogus" in bad.stderr
+
+
+@pytest.mark.parametrize("choice,expected", [("auto", False), ("on", True), ("off", False)])
+def test_compile_flag_reaches_every_4bit_layer(choice, expected):
+    # auto means compiled dequantize on CUDA only; on the CPU "on" is accepted and nf4 runs eager.
+    cfg = train.TrainConfig(model=str(HF / "gqa"), lora_r=4, compile=choice)
+    model = train.load_model(cfg, HF / "gqa", "cpu", torch.float32)
+    flags = {m.compile for m in model.modules() if isinstance(m, train.nf4.Linear4bit)}
+    assert flags == {expected}
+    ids = torch.tensor([[0, 5, 9, 3]])
+    reference = train.load_model(train.TrainConfig(model=str(HF / "gqa"), lora_r=4, compile="off"), HF / "gqa",
+                                 "cpu", torch.float32)
+    torch.testing.assert_close(model(ids), reference(ids), rtol=0, atol=0)
