@@ -2,16 +2,17 @@
 
 bitsandbytes stores many float32 vectors as 8-bit codes: QLoRA's per-block absmax constants ("double
 quantization", QLoRA arXiv:2305.14314 §3) and the two Adam moments of the 8-bit optimizers
-(arXiv:2110.02861 §2). Both use the same blockwise scheme:
+(arXiv:2110.02861 §2.1, block-wise quantization). Both use the same blockwise scheme:
 
     absmax_b = max_{i in b} |v_i|                 (float32, one per block of `blocksize` values)
     q_i      = argmin_k |code[k] - v_i * (1/absmax_b)|     (nearest entry of a 256-value code book)
     v_i     ~= code[q_i] * absmax_b
 
-The code book is the "dynamic" map of the 8-bit optimizers paper (§2.3): a dynamic-tree / floating-point
-like grid with 7 decades (1e-6 ... 1), dense near zero and coarse near +-1, so small and large values both
-keep about 2 significant digits. The signed map has 127 values per sign plus 0 and +1 (no -1); the unsigned
-map (Adam's second moment, which is >= 0) spends all 254 on the positive side.
+The code book is the "dynamic" map of the 8-bit optimizers paper (§1.3 dynamic tree quantization, §2.2 its
+unsigned variant): a floating-point-like grid over 7 decades (1e-7 ... 1), dense near zero and coarse near
++-1, so small and large values both keep about 2 significant digits. The signed map has 127 values per sign
+plus 0 and +1 (no -1); the unsigned map (Adam's second moment, which is >= 0) spends all 254 on the positive
+side.
 
 Double quantization (QLoRA §3, "Double Quantization"): the NF4 absmax vector (one float32 per 64 weights,
 0.5 bit/parameter) is itself quantized. Its values are all positive and similar, so it is centred first:
@@ -28,6 +29,9 @@ takes the *even* index (the CUDA binary search always lands on an even index fir
 strictly past the midpoint); an all-zero block gives 0 * inf = NaN -> code 0 with absmax 0.
 bitsandbytes' CPU 8-bit quantizer (a 65536-bin lookup table) sometimes picks a non-nearest code; it is not
 the reference, but its bytes dequantize with the same formula.
+
+Speed: "nearest code" is found with two table lookups and one compare per element instead of a binary
+search (see `encode_tables`; the same trick serves nf4.py), in cache-sized passes over the input.
 
 Deliberately left out: bitsandbytes' other maps (linear, quantile, FP8) and stochastic rounding.
 """
@@ -57,7 +61,8 @@ DYNAMIC_UNSIGNED = _dynamic_map(signed=False)  # [256]; [0] = 0, [255] = +1
 
 BLOCKSIZES_8BIT = (64, 128, 256, 512, 1024, 2048, 4096)
 NESTED_BLOCKSIZE = 256  # bitsandbytes always double-quantizes absmax in blocks of 256
-_CHUNK = 1 << 20  # most elements per pass: keeps the ~30 bytes/element of temporaries in cache on CPU
+_CHUNK = {"cpu": 1 << 18}  # elements per pass: the ~30 bytes/element of temporaries near the L2 on CPU;
+# 1 << 24 on GPUs (few kernel launches). Either way far below the size of a big optimizer state.
 
 
 # ---- exact table-driven encoding (shared with nf4.py) ---------------------------------------------------
@@ -121,7 +126,8 @@ _TABLES = {}
 
 
 def _tables_8bit(code: torch.Tensor):
-    key = (code.detach().cpu().numpy().tobytes(), str(code.device))
+    """Bin tables for a sorted 256-value map (cached by content and device), None if it is too dense."""
+    key = (tuple(code.detach().cpu().tolist()), str(code.device))
     if key not in _TABLES:
         c = code.detach().float().cpu()
         if not bool((c[1:] > c[:-1]).all()):
@@ -137,7 +143,8 @@ def _check(code: torch.Tensor, blocksize: int) -> None:
     if blocksize not in BLOCKSIZES_8BIT:
         raise ValueError(f"blocksize must be one of {BLOCKSIZES_8BIT}, got {blocksize}")
     if code.dtype != torch.float32 or code.shape != (256,):
-        raise ValueError(f"code must be a float32 [256] map such as DYNAMIC_SIGNED, got {code.dtype} {tuple(code.shape)}")
+        raise ValueError(f"code must be a float32 [256] map such as DYNAMIC_SIGNED, "
+                         f"got {code.dtype} {tuple(code.shape)}")
 
 
 def quantize_blockwise(x: torch.Tensor, code: torch.Tensor = DYNAMIC_SIGNED, blocksize: int = 256):
@@ -155,7 +162,7 @@ def quantize_blockwise(x: torch.Tensor, code: torch.Tensor = DYNAMIC_SIGNED, blo
     tables = _tables_8bit(code)  # None for an exotic map too dense for the bins: bucketize instead
     q = torch.empty(n, dtype=torch.uint8, device=flat.device)
     absmax = torch.empty(nblocks, dtype=torch.float32, device=flat.device)
-    step = max(blocksize, _CHUNK // blocksize * blocksize)  # passes of whole blocks
+    step = max(blocksize, _CHUNK.get(flat.device.type, 1 << 24) // blocksize * blocksize)  # whole blocks
     for start in range(0, n, step):
         part = flat[start:start + step]
         m = part.numel()

@@ -13,8 +13,9 @@ offset delta = 0.9677083, Phi^-1 = standard normal quantile function):
 So the table is *asymmetric*: 7 negative values, 0.0 at index 7, 8 positive values; +0.0796 is not the
 mirror of -0.0911. (A symmetric 8+8 table is a common mistake and cannot read real checkpoints.)
 
-Blockwise absmax quantization (QLoRA §2; 8-bit optimizers arXiv:2110.02861 §2.1). The weight is flattened row-major and cut into blocks of
-`blocksize` (64) consecutive values; each block stores its float32 absmax and 4-bit codes
+Blockwise absmax quantization (QLoRA §2; 8-bit optimizers arXiv:2110.02861 §2.1). The weight is flattened
+row-major and cut into blocks of `blocksize` (64) consecutive values; each block stores its float32 absmax
+and 4-bit codes
 
     absmax_b = max |w_i|,   code_i = nearest NF4 entry to w_i * (1 / absmax_b),
     w_i ~= NF4[code_i] * absmax_b.
@@ -44,8 +45,10 @@ exactly those for backward and dequantizes again there, so no float copy of the 
 (the memory trap of a plain `F.linear(x, dequantize(W))`). Only the input gradient is computed: the
 base weight is frozen, LoRA adapters (lora.py) carry the trainable parameters.
 
+The bytes follow bitsandbytes 0.50's CUDA kernels and transformers' 4-bit checkpoint layout (keys, dtypes,
+shapes, the quant_state JSON); the tests compare against bitsandbytes-made fixtures bit for bit.
 Deliberately left out: bitsandbytes' fused CUDA GEMV kernels, non-uint8 quant storage on write, 8-bit
-(LLM.int8) layers. Reference: the exact format is written down in the project's bnb_format spec.
+(LLM.int8) layers.
 """
 import json
 import sys
@@ -81,7 +84,7 @@ FP4_THRESHOLDS = torch.tensor([0.00260417, 0.0859375, 0.20833333, 0.29166667, 0.
                               dtype=torch.float32)
 FP4_RANK_TO_CODE = torch.tensor([0, 1, 6, 7, 4, 5, 2, 3], dtype=torch.uint8)  # magnitude rank -> 3-bit code
 
-_CHUNK = {"cpu": 1 << 20}  # most elements per pass: ~cache-sized on CPU, 1 << 24 on GPUs
+_CHUNK = {"cpu": 1 << 18}  # most elements per pass: L2-sized on CPU (measured), 1 << 24 on GPUs
 
 
 def _step(n: int, blocksize: int, device: torch.device, parts: int = 1) -> int:

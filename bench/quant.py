@@ -1,7 +1,7 @@
 """Throughput of NF4 quantize / dequantize on one weight matrix, side by side with a naive pure-PyTorch
 baseline and with bitsandbytes, plus the measured storage cost in bits per parameter.
 
-    python bench/quant.py [--quick] [--repeats 7] [--shape 4096 4096] [--no-compile] [--json FILE]
+    python bench/quant.py [--quick] [--repeats 7] [--shape 4096 4096] [--threads N] [--no-compile] [--json FILE]
 
 Rows: `ours` (nf4.py: bin-table encoder, int16-word decode table), `ours+compile` (torch.compile of the
 plain elementwise dequantize, if it compiles here), `naive` (argmin over the 16 codes per element in
@@ -140,7 +140,7 @@ def bnb_rows_elsewhere(args):
     if not Path(ref).exists():
         return [], "bitsandbytes not importable and no $REF_PYTHON"
     cmd = [ref, __file__, "--only", "bnb", "--repeats", str(args.repeats), "--shape", *map(str, args.shape),
-           "--json", "-"]
+           "--json", "-", "--threads", str(torch.get_num_threads())]
     proc = subprocess.run(cmd + (["--quick"] if args.quick else []), capture_output=True, text=True)
     if proc.returncode != 0:
         return [], f"{ref} failed: {proc.stderr.strip().splitlines()[-1:]}"
@@ -153,11 +153,14 @@ def main():
     p.add_argument("--repeats", type=int, default=7, help="timed calls per cell (median reported)")
     p.add_argument("--shape", type=int, nargs=2, default=[4096, 4096], help="weight shape [out, in]")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's own choice)")
     p.add_argument("--only", choices=["bnb"], help=argparse.SUPPRESS)  # used for the $REF_PYTHON child run
     p.add_argument("--json", help="also write the results as JSON to this file ('-' = stdout)")
     args = p.parse_args()
     if args.quick:
         args.shape, args.repeats, args.no_compile = [256, 1024], 2, True
+    if args.threads:
+        torch.set_num_threads(args.threads)
     shape = tuple(args.shape)
     if shape[0] * shape[1] % (2 * BLOCKSIZE):
         p.error("the naive baseline needs out*in divisible by 128")
@@ -165,11 +168,6 @@ def main():
     rows, notes = [], []
     if args.only != "bnb":
         rows += measure("ours", ours(), shape, args.repeats)
-        if not args.no_compile:
-            try:
-                rows += measure("ours+compile", ours_compiled(), shape, args.repeats, only_dequant=True)
-            except Exception as e:  # no C++ compiler, unsupported platform...
-                notes.append(f"torch.compile rows skipped: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
         rows += measure("naive", naive(), shape, args.repeats)
     try:
         rows += measure("bnb", bnb(), shape, args.repeats)
@@ -180,6 +178,12 @@ def main():
         extra, note = bnb_rows_elsewhere(args)
         rows += extra
         notes.append(f"bitsandbytes: {note}")
+    # last: inductor's CPU kernels run on their own OpenMP pool, whose spinning threads slow eager ops after
+    if args.only != "bnb" and not args.no_compile:
+        try:
+            rows += measure("ours+compile", ours_compiled(), shape, args.repeats, only_dequant=True)
+        except Exception as e:  # no C++ compiler, unsupported platform...
+            notes.append(f"torch.compile rows skipped: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
     result = {"shape": list(shape), "blocksize": BLOCKSIZE, "threads": torch.get_num_threads(),
               "torch": torch.__version__, "rows": rows, "notes": notes}
     if args.only != "bnb":

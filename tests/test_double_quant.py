@@ -137,7 +137,7 @@ def test_zero_block_and_nan():
 def test_chunked_path_equals_single_pass(monkeypatch):
     x = torch.randn(5000, generator=torch.Generator().manual_seed(1))
     q1, a1 = dq.quantize_blockwise(x, dq.DYNAMIC_SIGNED, 64)
-    monkeypatch.setattr(dq, "_CHUNK", 128)
+    monkeypatch.setitem(dq._CHUNK, "cpu", 128)
     q2, a2 = dq.quantize_blockwise(x, dq.DYNAMIC_SIGNED, 64)
     assert torch.equal(q1, q2) and torch.equal(a1, a2)
 

@@ -185,6 +185,18 @@ def test_load_transformers_checkpoint_layer(layer):
         assert torch.equal(bits(sd[k]), bits(parts[k])), k
 
 
+def test_every_checkpoint_layer_reads_and_writes_back():
+    layers = sorted(k.split(".weight.quant_state.")[0] for k in CKPT if ".weight.quant_state." in k)
+    assert len(layers) == 14  # 7 linears x 2 layers; lm_head stays bfloat16
+    for layer in layers:
+        parts = layer_tensors(layer)
+        lin = nf4.Linear4bit.from_quantized(parts)
+        assert lin.dequantize().shape == (lin.out_features, lin.in_features) and lin.weight_dtype == torch.bfloat16
+        sd = lin.state_dict()
+        assert set(sd) == set(parts)
+        assert all(torch.equal(bits(sd[k]), bits(parts[k])) for k in parts), layer
+
+
 @pytest.mark.parametrize("layer", LAYERS)
 def test_quantize_source_like_bitsandbytes(layer):
     """Quantizing the source weight reproduces the checkpoint's 4-bit bytes, nested absmax and JSON; its
