@@ -8,7 +8,7 @@ score without judgment, and is outside what SmolLM2-135M-Instruct does on its ow
     assistant: {"name": "Maria Lopez", "age": 29, "city": "Porto", "job": "pharmacist"}
 
 The base model understands the sentence, but it does not know this exact schema (keys, their order,
-`age` as a number, no prose, no code fence), so it scores near 0%; a few hundred QLoRA steps teach it.
+`age` as a number, no prose, no code fence), so it scores near 0%; 40 QLoRA steps of 8 rows teach it.
 
 Data. Persons are drawn with a seeded `random.Random` from fixed name / city / job lists and written
 with one of several sentence templates (varied word order, optional distractor clauses), so the model
@@ -35,14 +35,17 @@ import gguf_convert
 
 SEED = 8
 N_TRAIN = 400
-N_EVAL = 64
-TASK_NAME = "person-json-v1"   # bump when the generator changes, so cached files are rewritten
+N_EVAL = 100
+TASK_NAME = "person-json-v1"
 PROMPT_PREFIX = "Record this person: "
 
-# The flag values of train.py's no-argument run (keys = train.py's TrainConfig fields). Tuned so the
-# whole run on a 2-core CPU (conversion, eval before, training, eval after) takes about 6 minutes.
+# The flag values of train.py's no-argument run (keys = train.py's TrainConfig fields). Measured on a
+# 2-core CPU (AVX-512): the whole run -- conversion, eval before, 40 steps, eval after -- takes ~3.5 min
+# in float32 and ~2 min in bfloat16, held-out exact match 0% -> ~100%; the loss is ~0.01 by step 15.
+# dtype is left to train.py's "auto": bf16 where the hardware has it natively (this CPU's avx512_bf16
+# halves the step time against fp32), else fp32 on CPU -- emulated bf16 would be slower, not faster.
 DEMO_TRAIN_DEFAULTS = {
-    "max_steps": 60,
+    "max_steps": 40,
     "batch_size": 8,
     "grad_accum": 1,
     "seq_len": 128,
@@ -55,11 +58,10 @@ DEMO_TRAIN_DEFAULTS = {
     "quant": "nf4",
     "double_quant": True,
     "optim": "paged_adamw_32bit",
-    "dtype": "bfloat16",
 }
 # The exact-match eval decodes all held-out rows as one batch: on a CPU every decoding step re-dequantizes
 # all 4-bit weights, so that cost is paid once per step for the whole split, not once per batch.
-EVAL_BATCH_SIZE = 64
+EVAL_BATCH_SIZE = 100
 
 FIRST_NAMES = [
     "Maria", "James", "Aiko", "Omar", "Elena", "Kofi", "Sofia", "Liam", "Priya", "Mateo", "Hana", "Noah",
@@ -144,12 +146,15 @@ def exact_match(output: str, reference: str) -> bool:
 
 
 def _write_jsonl(path: Path, rows):
+    """Write rows as JSON lines atomically, unless the file already holds exactly these rows."""
+    text = "".join(json.dumps(row) + "\n" for row in rows)
+    if path.is_file() and path.read_text() == text:
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.name}-")
     try:
         with os.fdopen(fd, "w") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
+            f.write(text)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -165,8 +170,7 @@ def prepare(cache_dir=None):
     train_file = cache / "demo" / f"{TASK_NAME}-train.jsonl"
     eval_file = cache / "demo" / f"{TASK_NAME}-eval.jsonl"  # written for people to read; evaluate() takes rows
     for path, rows in ((train_file, train_rows), (eval_file, eval_rows)):
-        if not path.is_file():
-            _write_jsonl(path, rows)
+        _write_jsonl(path, rows)
     return model_dir, train_file, eval_rows
 
 

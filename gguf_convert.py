@@ -67,7 +67,7 @@ TOKEN_CONTROL, TOKEN_USER_DEFINED = 3, 4
 # Pre-tokenizers by `tokenizer.ggml.pre`. Each entry reproduces both llama.cpp's regex list and the
 # original tokenizer.json: "smollm"/"starcoder"/"refact" split digits one by one before GPT-2's regex.
 _DIGITS_THEN_GPT2 = ("smollm", "starcoder", "refact", "codeshell")
-_GPT2 = ("gpt2", "default", "mpt", "olmo")
+_GPT2 = ("gpt2", "mpt", "olmo")  # llama.cpp's "default" (no `pre` key) is a different regex: not supported
 
 # GGUF tensor name -> HF name. Per-block names are the part after "blk.{i}.".
 _TOP_LEVEL = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
@@ -244,7 +244,7 @@ def build_tokenizer(meta: dict):
     tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, unk_token=None,
                                fuse_unk=False, byte_fallback=False))
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
-    pre = meta.get("tokenizer.ggml.pre", "default")
+    pre = meta.get("tokenizer.ggml.pre", "default (none given)")
     if pre in _DIGITS_THEN_GPT2:
         tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
     elif pre in _GPT2:

@@ -22,9 +22,8 @@ def test_rows_are_deterministic_and_disjoint():
     assert len(set(names)) == len(names)  # every person once: no held-out person is trained on
     prompts = [r["messages"][0]["content"] for r in train + held_out]
     assert len(set(prompts)) == len(prompts)
-    templates_used = {demo_task.TEMPLATES.index(t) for t in demo_task.TEMPLATES
-                      if any(t.split("{")[0] and p.startswith(demo_task.PROMPT_PREFIX + t.split("{")[0]) for p in prompts)}
-    assert len(templates_used) >= 3  # several sentence shapes, not one
+    openings = {p[len(demo_task.PROMPT_PREFIX):].split()[0] for p in prompts}
+    assert len(openings) > 20  # several sentence shapes (and names first), not one
 
 
 def test_answers_are_grounded_in_the_sentence():
@@ -58,8 +57,10 @@ def test_evaluate_batches_and_scores(monkeypatch):
     llama = pytest.importorskip("llama")
     tokenizer = llama.Tokenizer.from_dir(HF / "gqa")
     rows = demo_task.make_rows(n_train=0, n_eval=7)[1]
-    prompt_of = {tuple(tokenizer.encode(tokenizer.apply_chat_template(r["messages"][:1], add_generation_prompt=True))): i
-                 for i, r in enumerate(rows)}
+    def prompt(row):
+        return tuple(tokenizer.encode(tokenizer.apply_chat_template(row["messages"][:1], add_generation_prompt=True)))
+
+    prompt_of = {prompt(r): i for i, r in enumerate(rows)}
     assert len(prompt_of) == len(rows)
     seen_batches = []
 
@@ -118,6 +119,9 @@ def test_prepare_writes_the_splits(tmp_path, monkeypatch):
     assert [json.loads(line) for line in train_file.read_text().splitlines()] == train
     assert eval_rows == held_out
     assert demo_task.prepare(tmp_path / "cache") == (model_dir, train_file, eval_rows)  # idempotent
+    train_file.write_text('{"messages": []}\n')  # a stale or damaged split is rewritten
+    demo_task.prepare(tmp_path / "cache")
+    assert [json.loads(line) for line in train_file.read_text().splitlines()] == train
 
 
 def test_defaults_are_train_flags():

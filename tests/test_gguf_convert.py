@@ -162,7 +162,8 @@ def test_logits_match_transformers(converted_f32, tmp_path):
 
 def test_tokenizer_matches_original(converted_f32):
     _, out = converted_f32
-    mine, orig = Tokenizer.from_file(str(out / "tokenizer.json")), Tokenizer.from_file(str(HF / "gqa" / "tokenizer.json"))
+    mine = Tokenizer.from_file(str(out / "tokenizer.json"))
+    orig = Tokenizer.from_file(str(HF / "gqa" / "tokenizer.json"))
     for text in TEXTS:
         for special in (False, True):
             a, b = mine.encode(text, add_special_tokens=special), orig.encode(text, add_special_tokens=special)
