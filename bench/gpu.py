@@ -117,6 +117,16 @@ class Timer:
         return statistics.median(times), times
 
 
+def fill_meta_parameters(model, device):
+    """Give every parameter still on the meta device random bf16 values (norm weights: ones), frozen."""
+    for module in model.modules():
+        for pname, p in list(module._parameters.items()):
+            if p is not None and p.is_meta:
+                data = (torch.ones(p.shape, device=device, dtype=torch.bfloat16) if p.dim() == 1 else
+                        torch.randn(p.shape, device=device, dtype=torch.bfloat16) * INIT_STD)
+                module._parameters[pname] = torch.nn.Parameter(data, requires_grad=False)
+
+
 def managed_bytes() -> int:
     """CUDA managed memory our paged optimizer holds right now (0 on the CPU)."""
     return paged_adamw.managed_bytes()
@@ -243,12 +253,7 @@ def build_model(shape: dict, device: torch.device, seed: int = 0) -> "llama.Llam
                 setattr(parent, name, nf4.Linear4bit.from_weight(w, compute_dtype=torch.bfloat16))
                 del w
     # what is left on meta: embeddings and lm_head (random bf16), norm weights (ones)
-    for module in model.modules():
-        for pname, p in list(module._parameters.items()):
-            if p is not None and p.is_meta:
-                data = (torch.ones(p.shape, device=device, dtype=torch.bfloat16) if p.dim() == 1 else
-                        torch.randn(p.shape, device=device, dtype=torch.bfloat16) * INIT_STD)
-                module._parameters[pname] = torch.nn.Parameter(data, requires_grad=False)
+    fill_meta_parameters(model, device)
     model.inv_freq = model.inv_freq.to(device)  # llama.py computes the rope table on the CPU, even under meta
     leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) 
                 if t.device.type != device.type]
@@ -534,12 +539,7 @@ def build_hf_model(shape: dict, device: torch.device, bnb, transformers):
                                                               quant_type="nf4", module=new).to(device)
                 del w
                 setattr(parent, name, new)
-    for module in model.modules():
-        for pname, p in list(module._parameters.items()):
-            if p is not None and p.is_meta:
-                data = (torch.ones(p.shape, device=device, dtype=torch.bfloat16) if p.dim() == 1 else
-                        torch.randn(p.shape, device=device, dtype=torch.bfloat16) * INIT_STD)
-                module._parameters[pname] = torch.nn.Parameter(data, requires_grad=False)
+    fill_meta_parameters(model, device)
     rotary = model.model.rotary_emb  # non-persistent inv_freq: rebuilt from the config on the device
     model.model.rotary_emb = type(rotary)(config=config).to(device)
     # flags transformers/PEFT read to know the base is 4-bit (set by from_pretrained with a quantization config)
