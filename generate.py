@@ -176,7 +176,7 @@ def main(argv=None, stdin=None, out=None):
 if __name__ == "__main__":
     try:
         main()
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, PermissionError, ConnectionError, ValueError) as e:
         sys.exit(f"generate.py: error: {e}")
     except KeyboardInterrupt:
         sys.exit(130)

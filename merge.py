@@ -471,5 +471,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
+    except (FileNotFoundError, FileExistsError, PermissionError, ConnectionError, ValueError) as e:
         sys.exit(f"merge.py: error: {e}")

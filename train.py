@@ -858,5 +858,5 @@ def _answer_of(row):
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+    except (ValueError, FileNotFoundError, PermissionError, ConnectionError, FloatingPointError) as e:
         sys.exit(f"train.py: error: {e}")
