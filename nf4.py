@@ -52,6 +52,7 @@ Deliberately left out: bitsandbytes' fused CUDA GEMV kernels, non-uint8 quant st
 """
 import json
 import sys
+import warnings
 
 import torch
 import torch.nn as nn
@@ -233,18 +234,23 @@ def _dequantize_plain(packed, absmax, n, blocksize, code, dtype):
     return (values.view(nblocks, blocksize) * absmax.unsqueeze(1)).view(-1)[:n].to(dtype)
 
 
-_compiled_dequantize = None
+_compiled_dequantize = None  # built on first use; False once compiling failed (then eager, same bytes)
 
 
 def _dequantize(weight, absmax, nested_absmax, nested_offset, meta, dtype):
+    global _compiled_dequantize
     shape, blocksize, quant_type, nested_blocksize, use_compile = meta
     absmax = _restore_absmax(absmax, nested_absmax, nested_offset, nested_blocksize)
-    if use_compile and weight.is_cuda:
-        global _compiled_dequantize
+    if use_compile and weight.is_cuda and _compiled_dequantize is not False:
         if _compiled_dequantize is None:
             _compiled_dequantize = torch.compile(_dequantize_plain)  # one graph per layer shape
         code = (NF4_CODE if quant_type == "nf4" else FP4_CODE).to(weight.device)
-        return _compiled_dequantize(weight, absmax, shape[0] * shape[1], blocksize, code, dtype).view(shape)
+        try:
+            return _compiled_dequantize(weight, absmax, shape[0] * shape[1], blocksize, code, dtype).view(shape)
+        except Exception as e:  # no Triton, an Inductor bug...: a training run should not die of an optimization
+            warnings.warn(f"torch.compile of the 4-bit dequantize failed ({type(e).__name__}: {e}); "
+                          "using the eager path from now on (train.py --compile off silences this)")
+            _compiled_dequantize = False
     return dequantize_4bit(weight, absmax, shape, blocksize, quant_type, dtype)
 
 
