@@ -579,16 +579,25 @@ def show_example(ids, trained, tokenizer):
 def save_checkpoint(out_dir, step, model, optimizer, scaler, state, base_name, keep):
     final, tmp = out_dir / f"checkpoint-{step}", out_dir / f".checkpoint-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    lora.save_adapter(model, tmp, base_name)
-    torch.save({"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None},
-               tmp / "optimizer.pt")
-    rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
-           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-    torch.save(rng, tmp / "rng_state.pt")
-    (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    try:  # everything goes into a hidden temp dir first: a full disk or a crash never leaves half a checkpoint
+        lora.save_adapter(model, tmp, base_name)
+        torch.save({"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None},
+                   tmp / "optimizer.pt")
+        rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
+               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+        torch.save(rng, tmp / "rng_state.pt")
+        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():  # the same step saved again (a resumed run): swap, so one copy always exists
+        old = out_dir / f".checkpoint-{step}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
     if keep:
         for old in sorted(out_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[:-keep]:
             shutil.rmtree(old)

@@ -408,3 +408,20 @@ def test_compile_flag_reaches_every_4bit_layer(choice, expected):
     reference = train.load_model(train.TrainConfig(model=str(HF / "gqa"), lora_r=4, compile="off"), HF / "gqa",
                                  "cpu", torch.float32)
     torch.testing.assert_close(model(ids), reference(ids), rtol=0, atol=0)
+
+
+def test_full_disk_mid_checkpoint_leaves_the_previous_one_intact(tmp_path, monkeypatch):
+    cfg = train.TrainConfig(model=str(HF / "gqa"), lora_r=4)
+    model = train.load_model(cfg, HF / "gqa", "cpu", torch.float32)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    train.save_checkpoint(tmp_path, 1, model, optimizer, None, {"step": 1}, "gqa", keep=3)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(train.torch, "save", disk_full)
+    for step in (1, 2):  # re-saving the same step, and a new one
+        with pytest.raises(OSError, match="No space"):
+            train.save_checkpoint(tmp_path, step, model, optimizer, None, {"step": step}, "gqa", keep=3)
+        assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    assert json.loads((tmp_path / "checkpoint-1" / "trainer_state.json").read_text()) == {"step": 1}
