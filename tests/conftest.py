@@ -22,3 +22,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+def with_ulp_neighbours(values, ulps=4):
+    """`values` plus each one's float32 neighbours up to `ulps` steps either way: where an encoder that
+    decides by comparison against thresholds is most likely to disagree with the reference rule."""
+    near = [values]
+    for direction in (float("inf"), -float("inf")):
+        b = values
+        for _ in range(ulps):
+            b = torch.nextafter(b, torch.full_like(b, direction))
+            near.append(b)
+    return torch.cat(near)

@@ -7,7 +7,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import double_quant as dq
-from conftest import BNB
+from conftest import BNB, with_ulp_neighbours
 
 CODEBOOKS = load_file(BNB / "codebooks.safetensors")
 Q8 = load_file(BNB / "quant8bit.safetensors")
@@ -102,15 +102,9 @@ def test_bin_tables_equal_nearest_rule(code):
     table = dq.DYNAMIC_SIGNED if code == "signed" else dq.DYNAMIC_UNSIGNED
     lo, hi, _ = dq._bin_edges()
     mids = (table[:-1] + table[1:]) * 0.5
-    near = [mids]
-    for direction in (float("inf"), -float("inf")):
-        b = mids
-        for _ in range(4):
-            b = torch.nextafter(b, torch.full_like(b, direction))
-            near.append(b)
     specials = torch.tensor([0.0, -0.0, 1.0, -1.0, float("inf"), -float("inf"), float("nan"), 1e-45, -1e-45])
     randoms = torch.randn(1 << 20, generator=torch.Generator().manual_seed(0)) * torch.rand(1 << 20) ** 8
-    x = torch.cat([lo, hi, *near, specials, randoms])
+    x = torch.cat([lo, hi, with_ulp_neighbours(mids), specials, randoms])
     tables = dq._tables_8bit(table)
     assert tables is not None
     assert torch.equal(dq.encode(x, tables), dq.nearest_reference(x, table))
