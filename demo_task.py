@@ -141,7 +141,7 @@ def exact_match(output: str, reference: str) -> bool:
     """True when `output` (whitespace-stripped) parses as JSON equal to `reference`'s JSON."""
     try:
         return json.loads(output.strip()) == json.loads(reference)
-    except (json.JSONDecodeError, ValueError):
+    except ValueError:  # json.JSONDecodeError is a ValueError
         return False
 
 

@@ -270,13 +270,13 @@ def tokenizer_files(meta: dict) -> dict:
     """tokenizer_config.json and generation_config.json contents, and the chat template (or None)."""
     tokens = meta["tokenizer.ggml.tokens"]
 
-    def token(key):
-        i = meta.get(f"tokenizer.ggml.{key}_token_id")
-        return None if i is None else tokens[int(i)]
-
     def token_id(key):
         i = meta.get(f"tokenizer.ggml.{key}_token_id")
         return None if i is None else int(i)
+
+    def token(key):
+        i = token_id(key)
+        return None if i is None else tokens[i]
 
     template = meta.get("tokenizer.chat_template")
     tokenizer_config = {
@@ -350,7 +350,7 @@ def convert(gguf_path, out_dir) -> Path:
         (tmp / "tokenizer_config.json").write_text(json.dumps(files["tokenizer_config"], indent=2) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps(files["generation_config"], indent=2) + "\n")
         if files["chat_template"] is not None:
-            (tmp / "chat_template.jinja").write_text(files["chat_template"])
+            (tmp / "chat_template.jinja").write_text(files["chat_template"], encoding="utf-8")  # as llama.py reads it
         umask = os.umask(0)
         os.umask(umask)
         for path in [tmp, *tmp.iterdir()]:  # mkdtemp makes 0700; give the snapshot ordinary permissions

@@ -201,6 +201,7 @@ def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, shape, blocksize
     out = torch.empty(nblocks * blocksize, dtype=dtype, device=device)
     step = _step(n, blocksize, device)  # whole blocks: a multiple of 4 elements = whole int16 words
     work = out if dtype == torch.float32 else torch.empty(min(out.numel(), step), device=device)  # float32
+    tail = 4 * words.numel()  # element index of an odd final byte's first code
     for start in range(0, out.numel(), step):
         stop = min(start + step, out.numel())
         dst = out[start:stop] if dtype == torch.float32 else work[:stop - start]
@@ -208,7 +209,6 @@ def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, shape, blocksize
         if w1 > w0:
             index = words[w0:w1].long().add_(32768)
             torch.index_select(table, 0, index, out=dst[:4 * (w1 - w0)].view(-1, 4))  # (w1 - w0, 4)
-        tail = 4 * words.numel()  # element index of an odd final byte's first code
         if nbytes % 2 and start <= tail < stop:  # byte b = int16 word b (high byte 0): first two columns
             dst[tail - start:tail - start + 2] = table[raw[-1].long() + 32768, :2]
         dst.view(-1, blocksize).mul_(absmax[start // blocksize:stop // blocksize].unsqueeze(1))  # float32 multiply
