@@ -36,6 +36,7 @@ import json
 import math
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -173,11 +174,6 @@ def _select(model, targets, exclude=None, every_target_must_match=True):
     return {n: linears[n] for n in chosen}
 
 
-def _set_module(model, name, module):
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
-
-
 def _count_parameters(model):
     """Parameters as the model sees them: a 4-bit weight (a buffer, 2 values per byte) counts in * out."""
     seen, total = set(), 0
@@ -209,7 +205,7 @@ def add_lora(model, r=64, alpha=16, dropout=0.1, targets="all-linear", use_rslor
     if wrapped:
         raise ValueError(f"{wrapped[:3]} already have a LoRA adapter; add_lora once per model")
     for name, layer in chosen.items():
-        _set_module(model, name, LoRALinear(layer, r, alpha, dropout, use_rslora))
+        model.set_submodule(name, LoRALinear(layer, r, alpha, dropout, use_rslora))
     trainable = _freeze_all_but_lora(model)
     total = _count_parameters(model)
     print(f"LoRA r={r} alpha={alpha} on {len(chosen)} linear layers: {trainable:,} trainable parameters "
@@ -272,7 +268,7 @@ def adapter_config(directory):
 
 def atomic_write(path, write):
     """write(tmp_path) into a temp file in path's directory, then rename over path (never a torn file).
-    Shared with train.py (metrics, config, loss plot): the one atomic-write helper of the project."""
+    The one atomic-write helper of the project (adapters here; train.py's metrics, config and plot)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
@@ -281,6 +277,26 @@ def atomic_write(path, write):
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def replace_dir(tmp, final):
+    """Move the finished directory `tmp` to `final`, replacing what is there, so that `final` is always
+    either the old or the new complete directory (a crash or full disk never leaves half of one): the old
+    one is renamed aside, the new one renamed in (put back on failure), and only then is the old deleted.
+    The one write-then-swap of the project (train.py's checkpoints, merge.py's output)."""
+    tmp, final = Path(tmp), Path(final)
+    if not final.exists():
+        os.replace(tmp, final)
+        return
+    old = final.parent / f".{final.name}.old-{os.getpid()}"
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(final, old)
+    try:
+        os.replace(tmp, final)
+    except BaseException:
+        os.replace(old, final)  # put the previous directory back rather than leave none
+        raise
+    shutil.rmtree(old)
 
 
 def _lora_layers(model):
@@ -370,7 +386,7 @@ def load_adapter(model, directory):
     for name, layer, a, b in updates:
         if not isinstance(layer, LoRALinear):
             layer = LoRALinear(layer, r, alpha, dropout, use_rslora)
-            _set_module(model, name, layer)
+            model.set_submodule(name, layer)
         with torch.no_grad():
             layer.lora_A.weight.copy_(a)  # copy_ casts (fp16/bf16 files too) to the fp32 master, on its device
             layer.lora_B.weight.copy_(b)
@@ -402,5 +418,5 @@ def merge_lora(model):
         merged.weight = nn.Parameter(weight, requires_grad=False)
         if base.bias is not None:
             merged.bias = nn.Parameter(base.bias.detach().clone(), requires_grad=False)
-        _set_module(model, name, merged)
+        model.set_submodule(name, merged)
     return model

@@ -1,6 +1,7 @@
 """lora.py against dense float64 maths, PEFT's own adapter files and logits, and the 4-bit memory contract."""
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -555,3 +556,29 @@ def test_qlora_llama_saves_no_float_weight_for_backward():
     assert float_weight_saves(step, shapes) == []
     grads = {n for n, p in model.named_parameters() if p.grad is not None}
     assert len(grads) == 28 and all(".lora_" in n for n in grads)
+
+
+def test_replace_dir_swaps_whole_directories_and_keeps_the_old_one_on_failure(tmp_path, monkeypatch):
+    final, tmp = tmp_path / "out", tmp_path / ".out.tmp"
+    tmp.mkdir()
+    (tmp / "a").write_text("first")
+    lora.replace_dir(tmp, final)  # nothing there yet: a plain rename
+    assert (final / "a").read_text() == "first" and not tmp.exists()
+    tmp.mkdir()
+    (tmp / "a").write_text("second")
+    real_replace, calls = os.replace, []
+
+    def second_rename_fails(src, dst):
+        calls.append((src, dst))
+        if len(calls) == 2:  # old moved aside; now the new one fails to move in (e.g. the disk went away)
+            raise OSError("simulated failure")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", second_rename_fails)
+    with pytest.raises(OSError, match="simulated"):
+        lora.replace_dir(tmp, final)
+    monkeypatch.undo()
+    assert (final / "a").read_text() == "first"  # the old directory is back, whole
+    lora.replace_dir(tmp, final)
+    assert (final / "a").read_text() == "second"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # nothing left aside
