@@ -12,7 +12,13 @@ template when it has one (the conversation is kept across turns; `/reset` clears
 input leaves); otherwise the raw text is continued. Text is printed as it is generated; every EOS id of
 the model (Llama 3 has several) stops a reply. Sampling: temperature, then nucleus (top-p) truncation
 (Holtzman et al., arXiv:1904.09751); temperature 0 is greedy.
+
+The library half, `generate(model, tokenizer, prompts, max_new_tokens, ...)`, decodes with the model's KV
+cache (`llama.KVCache`: one forward over the prompt, then one token per step) and runs several prompts
+as one left-padded batch whose rows each give what they give alone; `sample_token` is one draw.
 """
+from __future__ import annotations
+
 import argparse
 import sys
 
@@ -21,6 +27,71 @@ import torch
 import llama
 import lora
 from merge import DTYPES, QUANT_DEFAULTS, latest_run, train_config
+from tokenizer import Tokenizer
+
+
+def sample_token(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next token per row from logits (B, V): argmax when temperature is 0, else a draw from
+    softmax(logits / temperature) restricted to the smallest set of tokens whose mass reaches top_p."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)  # (B, V) fp32
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)  # (B, V)
+        # drop a token once the tokens before it already reach top_p; the most likely one always stays
+        sorted_p = sorted_p.masked_fill(sorted_p.cumsum(-1) - sorted_p >= top_p, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)  # multinomial renormalizes
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
+
+
+@torch.no_grad()
+def generate(model: llama.Llama, tokenizer: Tokenizer | None, prompt_ids: list[int] | list[list[int]],
+             max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0, stream=None,
+             generator: torch.Generator | None = None) -> list[list[int]]:
+    """Continue each prompt until one of the tokenizer's EOS ids (not included in the output) or
+    `max_new_tokens`. Several prompts run as one batch, left-padded, with an attention mask and positions
+    counted from each prompt's first real token, so each row gives what it would give alone.
+    `stream(step_ids)` is called after every step with one new id per prompt (None once a prompt is done).
+    Returns one list of new token ids per prompt (a single flat prompt counts as one prompt)."""
+    prompts = [list(prompt_ids)] if prompt_ids and isinstance(prompt_ids[0], int) else [list(p) for p in prompt_ids]
+    if not prompts or not all(prompts):
+        raise ValueError("every prompt needs at least one token (e.g. the BOS id)")
+    eos = set(tokenizer.eos_ids if tokenizer is not None else
+              [model.config.eos_token_id] if isinstance(model.config.eos_token_id, int)
+              else model.config.eos_token_id or [])
+    device = model.model.embed_tokens.weight.device
+    B, L = len(prompts), max(map(len, prompts))
+    pad = (tokenizer.pad_id if tokenizer is not None else None) or 0  # any id: padding is masked out
+    ids = torch.tensor([[pad] * (L - len(p)) + p for p in prompts], device=device)  # (B, L)
+    mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in prompts], device=device)  # (B, L)
+    padded = bool((mask == 0).any())  # without padding the mask is dropped: SDPA's fast causal path
+
+    was_training = model.training
+    model.eval()
+    out, done = [[] for _ in prompts], [False] * B
+    try:  # restore the caller's train/eval mode even when a stream callback or Ctrl-C stops us early
+        cache = llama.KVCache(model, B, L + max_new_tokens)
+        logits = model(ids, attention_mask=mask if padded else None, cache=cache)[:, -1]  # (B, V)
+        for step in range(max_new_tokens):
+            next_ids = sample_token(logits, temperature, top_p, generator)  # (B,)
+            new = []
+            for row, token in enumerate(next_ids.tolist()):
+                if not done[row] and token in eos:
+                    done[row] = True
+                new.append(None if done[row] else token)
+                if not done[row]:
+                    out[row].append(token)
+            if stream is not None:
+                stream(new)
+            if all(done) or step == max_new_tokens - 1:
+                break
+            mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)  # (B, S)
+            logits = model(next_ids[:, None], attention_mask=mask if padded else None,  # (B, 1) -> (B, V)
+                           cache=cache)[:, -1]
+    finally:
+        model.train(was_training)
+    return out
 
 
 class Streamer:
@@ -32,7 +103,7 @@ class Streamer:
         self.tokenizer, self.out = tokenizer, out
         self.ids, self.printed = [], 0
 
-    def __call__(self, step_ids):  # llama.generate: one new id per prompt, None once that prompt ended
+    def __call__(self, step_ids):  # generate(): one new id per prompt, None once that prompt ended
         token_id = step_ids[0]
         if token_id is None:
             return
@@ -73,7 +144,7 @@ def load(model_id, adapter, quant, dtype, device, run):
     if adapter is not None:
         lora.load_adapter(model, adapter)  # A and B land on the base layer's device
     model.eval()
-    tokenizer = llama.Tokenizer.from_dir(llama.resolve_checkpoint(model_id))
+    tokenizer = Tokenizer.from_dir(llama.resolve_checkpoint(model_id))
     return model, tokenizer
 
 
@@ -97,7 +168,7 @@ def reply(model, tokenizer, messages, args, use_template, out, generator=None, i
     streamer = Streamer(tokenizer, out)
     try:
         with torch.no_grad():
-            llama.generate(model, tokenizer, [ids], args.max_new_tokens, temperature=args.temperature,
+            generate(model, tokenizer, [ids], args.max_new_tokens, temperature=args.temperature,
                            top_p=args.top_p, stream=streamer, generator=generator)
     except KeyboardInterrupt:  # in a chat, Ctrl-C cuts this reply short and keeps the conversation
         if not interruptible:

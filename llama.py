@@ -19,8 +19,8 @@ Grouped-query attention shares each of the K key/value heads among H/K adjacent 
 Around the model, what it takes to use a hub checkpoint: `LlamaConfig` (transformers-4 and -5 config.json
 layouts), `from_pretrained` (local directory or hub id; single or sharded safetensors; plain or
 bitsandbytes-4-bit), which streams one tensor at a time and quantizes each linear weight on arrival so
-the float model never exists in memory (QLoRA, arXiv:2305.14314 §3), `Tokenizer` (tokenizer.json, special
-tokens, the jinja chat template) and `generate` (KV cache, greedy or temperature/top-p, batched prompts).
+the float model never exists in memory (QLoRA, arXiv:2305.14314 §3). The tokenizer and chat template are
+in tokenizer.py, sampling and generation in generate.py.
 
 The model classes know nothing of quantization or LoRA: those replace `nn.Linear` modules afterwards.
 Left out on purpose: dropout (0 in every Llama), other rope types (yarn, longrope), `.bin` and 8-bit
@@ -32,19 +32,13 @@ H query heads, K key/value heads, D head dim, F intermediate size, V vocab.
 from __future__ import annotations
 
 import ctypes
-import functools
 import json
 import math
 import os
 from dataclasses import MISSING, dataclass, fields
-from datetime import datetime
 from pathlib import Path
 
 import huggingface_hub
-import jinja2
-import jinja2.ext
-import jinja2.sandbox
-import tokenizers
 import torch
 import torch.nn.functional as F
 from huggingface_hub.utils import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
@@ -648,188 +642,3 @@ def _set_module(model: nn.Module, name: str, module: nn.Module):
         raise ValueError(f"{name}: checkpoint layer is {module.out_features}x{module.in_features}, "
                          f"config.json implies {old.out_features}x{old.in_features}")
     setattr(model.get_submodule(parent), child, module)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Tokenizer
-
-
-class Tokenizer:
-    """tokenizer.json through the `tokenizers` library, plus what transformers keeps beside it: the special
-    tokens (tokenizer_config.json, special_tokens_map.json, generation_config.json) and the chat template."""
-
-    def __init__(self, tokenizer, bos_token=None, eos_token=None, pad_token=None, eos_ids=(), pad_id=None,
-                 bos_id=None, chat_template=None):
-        self.tokenizer = tokenizer
-        self.bos_token, self.eos_token, self.pad_token = bos_token, eos_token, pad_token
-        self.bos_id = self._id(bos_token) if bos_token is not None else bos_id
-        self.pad_id = self._id(pad_token) if pad_token is not None else pad_id
-        # every id that ends a turn: the tokenizer's eos first, then generation_config's (Llama 3 lists
-        # <|end_of_text|>, <|eom_id|> and <|eot_id|> there)
-        ids = ([self._id(eos_token)] if eos_token is not None else []) + list(eos_ids)
-        self.eos_ids = list(dict.fromkeys(ids))
-        self.chat_template = chat_template
-        # Does tokenizer.json's post-processor prepend BOS by itself (Llama's TemplateProcessing does)?
-        # encode() always bypasses the post-processor and adds BOS on request, so BOS is never doubled.
-        with_special = tokenizer.encode("a", add_special_tokens=True).ids
-        plain = tokenizer.encode("a", add_special_tokens=False).ids
-        self.adds_bos = self.bos_id is not None and with_special[:1] == [self.bos_id] and plain[:1] != [self.bos_id]
-
-    def _id(self, token: str) -> int:
-        i = self.tokenizer.token_to_id(token)
-        if i is None:
-            raise ValueError(f"special token {token!r} is not in tokenizer.json's vocabulary")
-        return i
-
-    @classmethod
-    def from_dir(cls, directory: str | os.PathLike) -> Tokenizer:
-        directory = Path(directory)
-        if not (directory / "tokenizer.json").is_file():
-            raise FileNotFoundError(f"{directory} has no tokenizer.json (the 'fast' tokenizer file); "
-                                    "save one with transformers' AutoTokenizer(...).save_pretrained(dir)")
-
-        def read(name):
-            path = directory / name
-            return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-
-        config, special, generation = read("tokenizer_config.json"), read("special_tokens_map.json"), \
-            read("generation_config.json")
-
-        def token(name):  # a plain string, or an AddedToken dict {"content": ...} in older files
-            value = config.get(name) or special.get(name)
-            return value.get("content") if isinstance(value, dict) else value
-
-        eos = generation.get("eos_token_id")
-        template = config.get("chat_template")
-        if isinstance(template, list):  # several named templates: transformers uses "default"
-            template = {t["name"]: t["template"] for t in template}.get("default")
-        if (directory / "chat_template.jinja").is_file():  # transformers 4.43+ writes it here; it wins
-            template = (directory / "chat_template.jinja").read_text(encoding="utf-8")
-        return cls(tokenizers.Tokenizer.from_file(str(directory / "tokenizer.json")),
-                   bos_token=token("bos_token"), eos_token=token("eos_token"), pad_token=token("pad_token"),
-                   eos_ids=eos if isinstance(eos, list) else [eos] if eos is not None else [],
-                   bos_id=generation.get("bos_token_id"), pad_id=generation.get("pad_token_id"),
-                   chat_template=template)
-
-    def encode(self, text: str, add_bos: bool = False) -> list[int]:
-        """Token ids of `text`; special tokens written in it (e.g. a rendered chat template's
-        "<|begin_of_text|>") become their ids. BOS is prepended only when asked and not already there."""
-        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
-        if add_bos and self.bos_id is not None and ids[:1] != [self.bos_id]:
-            ids = [self.bos_id] + ids
-        return ids
-
-    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
-
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False, **kwargs) -> str:
-        """Render `messages` ([{"role", "content"}]) with the model's jinja template, the way transformers
-        does: a sandboxed environment, `raise_exception`, `strftime_now`, a non-escaping `tojson`, the
-        special-token strings as variables. Encode the result with add_bos=False: templates write BOS."""
-        if self.chat_template is None:
-            raise ValueError("this tokenizer has no chat template (no chat_template.jinja and no "
-                             "'chat_template' in tokenizer_config.json); format the prompt yourself")
-        variables = {"bos_token": self.bos_token, "eos_token": self.eos_token, "pad_token": self.pad_token}
-        return _compile_template(self.chat_template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt,
-            **{k: v for k, v in variables.items() if v is not None}, **kwargs)
-
-
-class _Generation(jinja2.ext.Extension):
-    """`{% generation %}...{% endgeneration %}` marks assistant text (transformers uses it for loss masks);
-    here it renders its body unchanged."""
-    tags = {"generation"}
-
-    def parse(self, parser):
-        lineno = next(parser.stream).lineno
-        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-        return jinja2.nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
-
-    def _render(self, caller):
-        return caller()
-
-
-@functools.lru_cache(maxsize=8)  # data preparation renders thousands of conversations with one template
-def _compile_template(template: str):
-    def raise_exception(message):
-        raise jinja2.exceptions.TemplateError(message)
-
-    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        # jinja's own tojson escapes HTML characters, which would change the prompt text
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-    # chat templates from the hub are untrusted code: the sandbox keeps them from reaching Python internals
-    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                                       extensions=[_Generation, jinja2.ext.loopcontrols])
-    env.filters["tojson"] = tojson
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    return env.from_string(template)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Generation
-
-
-def sample_token(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-    """Next token per row from logits (B, V): argmax when temperature is 0, else a draw from
-    softmax(logits / temperature) restricted to the smallest set of tokens whose mass reaches top_p."""
-    if temperature <= 0:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)  # (B, V) fp32
-    if top_p < 1.0:
-        sorted_p, order = probs.sort(dim=-1, descending=True)  # (B, V)
-        # drop a token once the tokens before it already reach top_p; the most likely one always stays
-        sorted_p = sorted_p.masked_fill(sorted_p.cumsum(-1) - sorted_p >= top_p, 0.0)
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)  # multinomial renormalizes
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
-
-
-@torch.no_grad()
-def generate(model: Llama, tokenizer: Tokenizer | None, prompt_ids: list[int] | list[list[int]],
-             max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0, stream=None,
-             generator: torch.Generator | None = None) -> list[list[int]]:
-    """Continue each prompt until one of the tokenizer's EOS ids (not included in the output) or
-    `max_new_tokens`. Several prompts run as one batch, left-padded, with an attention mask and positions
-    counted from each prompt's first real token, so each row gives what it would give alone.
-    `stream(step_ids)` is called after every step with one new id per prompt (None once a prompt is done).
-    Returns one list of new token ids per prompt (a single flat prompt counts as one prompt)."""
-    prompts = [list(prompt_ids)] if prompt_ids and isinstance(prompt_ids[0], int) else [list(p) for p in prompt_ids]
-    if not prompts or not all(prompts):
-        raise ValueError("every prompt needs at least one token (e.g. the BOS id)")
-    eos = set(tokenizer.eos_ids if tokenizer is not None else
-              [model.config.eos_token_id] if isinstance(model.config.eos_token_id, int)
-              else model.config.eos_token_id or [])
-    device = model.model.embed_tokens.weight.device
-    B, L = len(prompts), max(map(len, prompts))
-    pad = (tokenizer.pad_id if tokenizer is not None else None) or 0  # any id: padding is masked out
-    ids = torch.tensor([[pad] * (L - len(p)) + p for p in prompts], device=device)  # (B, L)
-    mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in prompts], device=device)  # (B, L)
-    padded = bool((mask == 0).any())  # without padding the mask is dropped: SDPA's fast causal path
-
-    was_training = model.training
-    model.eval()
-    out, done = [[] for _ in prompts], [False] * B
-    try:  # restore the caller's train/eval mode even when a stream callback or Ctrl-C stops us early
-        cache = KVCache(model, B, L + max_new_tokens)
-        logits = model(ids, attention_mask=mask if padded else None, cache=cache)[:, -1]  # (B, V)
-        for step in range(max_new_tokens):
-            next_ids = sample_token(logits, temperature, top_p, generator)  # (B,)
-            new = []
-            for row, token in enumerate(next_ids.tolist()):
-                if not done[row] and token in eos:
-                    done[row] = True
-                new.append(None if done[row] else token)
-                if not done[row]:
-                    out[row].append(token)
-            if stream is not None:
-                stream(new)
-            if all(done) or step == max_new_tokens - 1:
-                break
-            mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)  # (B, S)
-            logits = model(next_ids[:, None], attention_mask=mask if padded else None,  # (B, 1) -> (B, V)
-                           cache=cache)[:, -1]
-    finally:
-        model.train(was_training)
-    return out

@@ -11,18 +11,19 @@ import generate
 import llama
 import lora
 from conftest import HF, ROOT
+from tokenizer import Tokenizer
 
 GQA, ADAPTER = HF / "gqa", HF / "gqa_peft_adapter"
-TOKENIZER = llama.Tokenizer.from_dir(GQA)
+TOKENIZER = Tokenizer.from_dir(GQA)
 
 
 def expected_reply(messages, max_new_tokens, adapter=None, **load):
-    """What the reply must be: greedy llama.generate on the chat-template prompt, decoded."""
+    """What the reply must be: greedy generate() on the chat-template prompt, decoded."""
     model = llama.from_pretrained(GQA, dtype=torch.float32, device="cpu", **{"quant": None, **load})
     if adapter is not None:
         lora.load_adapter(model, adapter)
     ids = TOKENIZER.encode(TOKENIZER.apply_chat_template(messages, add_generation_prompt=True))
-    out = llama.generate(model, TOKENIZER, [ids], max_new_tokens)[0]
+    out = generate.generate(model, TOKENIZER, [ids], max_new_tokens)[0]
     return TOKENIZER.decode(out)
 
 
@@ -60,13 +61,13 @@ def test_no_arguments_uses_the_latest_run(tmp_path, monkeypatch):
 
 def test_interactive_chat_keeps_the_conversation(monkeypatch):
     prompts = []
-    real_generate = llama.generate
+    real_generate = generate.generate
 
     def spy(model, tokenizer, prompt_ids, *args, **kwargs):
         prompts.append(list(prompt_ids[0]))
         return real_generate(model, tokenizer, prompt_ids, *args, **kwargs)
 
-    monkeypatch.setattr(llama, "generate", spy)
+    monkeypatch.setattr(generate, "generate", spy)
     stdin, out = io.StringIO("hello\nand again\n/reset\nfresh start\n"), io.StringIO()
     messages = generate.main(["--model", str(GQA), "--quant", "none", "--temperature", "0",
                               "--max-new-tokens", "6", "--system", "be brief"], stdin=stdin, out=out)

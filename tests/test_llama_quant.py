@@ -10,6 +10,8 @@ from safetensors.torch import load_file
 import llama
 import nf4
 from conftest import BNB, HF
+from generate import generate
+from tokenizer import Tokenizer
 
 BNB_DIR = BNB / "tiny_llama_nf4_dq"
 
@@ -166,5 +168,5 @@ def test_cuda_load_matches_cpu():
     with torch.no_grad():
         ref, out = cpu(ids).float(), gpu(ids.cuda()).float().cpu()
     torch.testing.assert_close(out, ref, rtol=0, atol=0.05 * ref.abs().max().item())
-    tok = llama.Tokenizer.from_dir(HF / "gqa")
-    assert len(llama.generate(gpu, tok, ids[0, :8].tolist(), max_new_tokens=4)[0]) <= 4
+    tok = Tokenizer.from_dir(HF / "gqa")
+    assert len(generate(gpu, tok, ids[0, :8].tolist(), max_new_tokens=4)[0]) <= 4
