@@ -55,6 +55,7 @@ from tqdm import tqdm
 import llama
 import lora
 import nf4
+from tokenizer import Tokenizer
 
 DEFAULT_DATASET = "mlabonne/guanaco-llama2-1k"  # the classic QLoRA Colab's 1k-row Guanaco subset
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".txt")
@@ -710,7 +711,7 @@ def main(argv=None):
     llama.checkpoint_files(model_dir)  # a directory without weights fails here, not after the data is read
     if Path(cfg.model).expanduser().is_dir():
         cfg.model = str(Path(cfg.model).expanduser().resolve())  # adapter_config's base path must outlive cwd
-    tokenizer = llama.Tokenizer.from_dir(model_dir)
+    tokenizer = Tokenizer.from_dir(model_dir)
     if not tokenizer.eos_ids:
         raise ValueError(f"{model_dir}: the tokenizer defines no EOS token, so the model could not learn to stop")
     examples, counts = tokenize_rows(read_rows(cfg.data, cfg.data_split), tokenizer, cfg.seq_len)
