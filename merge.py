@@ -50,6 +50,7 @@ from safetensors import safe_open
 import llama
 import lora
 from nf4 import Linear4bit
+from tokenizer import Tokenizer
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 # safetensors' dtype names (https://github.com/huggingface/safetensors, "Format").
@@ -279,7 +280,7 @@ def generation_config(base_dir):
     path = Path(base_dir) / "generation_config.json"
     config = json.loads(path.read_text()) if path.is_file() else {}
     if (Path(base_dir) / "tokenizer.json").is_file():
-        tokenizer = llama.Tokenizer.from_dir(base_dir)
+        tokenizer = Tokenizer.from_dir(base_dir)
         eos = list(dict.fromkeys(tokenizer.eos_ids))
         if eos:
             config["eos_token_id"] = eos[0] if len(eos) == 1 else eos
@@ -394,7 +395,7 @@ def merge_checkpoint(adapter_dir, output_dir, model, dtype_name, base, max_shard
 def verify_merge(output_dir, base_dir, adapter_dir, settings):
     """Largest logit difference between the merged model and base + adapter on a few prompts (float32
     maths on CPU; the base 4-bit when the merge used --base dequantized). -> the difference."""
-    tokenizer = llama.Tokenizer.from_dir(output_dir) if (Path(output_dir) / "tokenizer.json").is_file() else None
+    tokenizer = Tokenizer.from_dir(output_dir) if (Path(output_dir) / "tokenizer.json").is_file() else None
     if tokenizer is not None:
         prompts = [tokenizer.encode(p, add_bos=True) for p in VERIFY_PROMPTS]
     else:
