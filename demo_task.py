@@ -181,7 +181,7 @@ def evaluate(model, tokenizer, rows, max_new_tokens=None, batch_size=EVAL_BATCH_
 
     max_new_tokens None: the longest reference's token count + 2 -- an output needing more tokens than
     that cannot equal any reference, and a base model that never stops would otherwise set the cost."""
-    import llama  # the model file; imported here so the dataset half of this file needs only the stdlib
+    from generate import generate  # imported here so the dataset half of this file needs only the stdlib
 
     was_training = model.training
     model.eval()
@@ -195,7 +195,7 @@ def evaluate(model, tokenizer, rows, max_new_tokens=None, batch_size=EVAL_BATCH_
     order = sorted(range(len(rows)), key=lambda i: len(prompts[i]))
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        generated = llama.generate(model, tokenizer, [prompts[i] for i in idx], max_new_tokens=max_new_tokens)
+        generated = generate(model, tokenizer, [prompts[i] for i in idx], max_new_tokens=max_new_tokens)
         for i, ids in zip(idx, generated):
             cut = next((k for k, t in enumerate(ids) if t in stops), len(ids))  # generate stops there too
             outputs[i] = tokenizer.decode(ids[:cut])
