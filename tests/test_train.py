@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from conftest import HF, ROOT
 
 import llama
+from tokenizer import Tokenizer
 import lora
 import train
 
@@ -36,7 +37,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def tok():
-    return llama.Tokenizer.from_dir(GQA)
+    return Tokenizer.from_dir(GQA)
 
 
 def write_jsonl(path, rows):
@@ -145,7 +146,7 @@ def test_file_formats_and_hub_style_splits(tmp_path):
     assert [r for r, _ in train.read_rows(str(tmp_path / "hub"))] == [  # the "train" split by default
         {"prompt": "a", "completion": "b", "text": None}, {"prompt": None, "completion": None, "text": "c"}]
     assert [r for r, _ in train.read_rows(str(tmp_path / "hub"), "test")] == rows[:1]
-    tok = llama.Tokenizer.from_dir(GQA)
+    tok = Tokenizer.from_dir(GQA)
     assert train.tokenize_row({"prompt": None, "completion": None, "text": "c"}, "", tok) == \
         train.tokenize_row({"text": "c"}, "", tok)
     with pytest.raises(FileNotFoundError, match="no data files for split 'validation'"):
