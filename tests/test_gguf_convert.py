@@ -177,9 +177,9 @@ def test_tokenizer_matches_original(converted_f32):
 
 
 def test_llama_tokenizer_loads(converted_f32):
-    llama = pytest.importorskip("llama")
+    tokenizer = pytest.importorskip("tokenizer")
     _, out = converted_f32
-    tok, ref = llama.Tokenizer.from_dir(out), llama.Tokenizer.from_dir(HF / "gqa")
+    tok, ref = tokenizer.Tokenizer.from_dir(out), tokenizer.Tokenizer.from_dir(HF / "gqa")
     assert (tok.bos_id, tok.eos_ids, tok.pad_id) == (ref.bos_id, ref.eos_ids, ref.pad_id) == (0, [1], 2)
     msgs = [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4"}]
     assert tok.apply_chat_template(msgs) == ref.apply_chat_template(msgs)
