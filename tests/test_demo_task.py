@@ -9,6 +9,8 @@ from conftest import HF
 
 import demo_task
 import gguf_convert
+import generate
+from tokenizer import Tokenizer
 
 REF = '{"name": "Maria Lopez", "age": 29, "city": "Porto", "job": "pharmacist"}'
 
@@ -54,8 +56,7 @@ def test_exact_match_rule():
 
 
 def test_evaluate_batches_and_scores(monkeypatch):
-    llama = pytest.importorskip("llama")
-    tokenizer = llama.Tokenizer.from_dir(HF / "gqa")
+    tokenizer = Tokenizer.from_dir(HF / "gqa")
     rows = demo_task.make_rows(n_train=0, n_eval=7)[1]
     def prompt(row):
         return tuple(tokenizer.encode(tokenizer.apply_chat_template(row["messages"][:1], add_generation_prompt=True)))
@@ -76,7 +77,7 @@ def test_evaluate_batches_and_scores(monkeypatch):
             out.append(tok.encode(text) + [tok.eos_ids[0]] + tok.encode(" junk"))
         return out
 
-    monkeypatch.setattr(llama, "generate", fake_generate)
+    monkeypatch.setattr(generate, "generate", fake_generate)
 
     class Model(__import__("torch").nn.Module):
         pass
@@ -93,14 +94,14 @@ def test_evaluate_runs_a_real_model():
     llama = pytest.importorskip("llama")
     import torch
     model = llama.from_pretrained(str(HF / "gqa"), quant=None, dtype=torch.float32)
-    tokenizer = llama.Tokenizer.from_dir(HF / "gqa")
+    tokenizer = Tokenizer.from_dir(HF / "gqa")
     rows = demo_task.make_rows(n_train=0, n_eval=3)[1]
     accuracy, outputs = demo_task.evaluate(model, tokenizer, rows, max_new_tokens=4, batch_size=2)
     assert accuracy == 0.0 and len(outputs) == 3 and all(isinstance(o, str) for o in outputs)
     # Batched (left-padded) greedy decoding gives what each prompt gives alone.
     for row, out in zip(rows, outputs):
         ids = tokenizer.encode(tokenizer.apply_chat_template(row["messages"][:1], add_generation_prompt=True))
-        alone = llama.generate(model, tokenizer, ids, max_new_tokens=4)[0]
+        alone = generate.generate(model, tokenizer, ids, max_new_tokens=4)[0]
         assert out == tokenizer.decode(alone)
 
 
