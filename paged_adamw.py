@@ -11,9 +11,9 @@ AdamW (Loshchilov & Hutter, arXiv:1711.05101, Algorithm 2), for a parameter p wi
 same torch._foreach_* calls in the same order as `torch.optim.AdamW(foreach=True)`, so float32
 parameters follow it bit for bit.
 
-8-bit state (Dettmers et al., arXiv:2110.02861 §2, exactly as bitsandbytes' blockwise kernel, see
-`spec/bnb_format.md` §5): m and v are stored as one byte per element, in blocks of 256 elements that
-each keep one float32 absmax (2 + 8/256 = 2.03 bytes per parameter):
+8-bit state (Dettmers et al., arXiv:2110.02861 §2, exactly as bitsandbytes' blockwise kernel): m and v
+are stored as one byte per element, in blocks of 256 elements that each keep one float32 absmax
+(2 + 8/256 = 2.03 bytes per parameter):
 
     m_i ~= DYNAMIC_SIGNED[state1_i] * absmax1[i // 256]      (signed "dynamic" map: m has both signs)
     v_i ~= DYNAMIC_UNSIGNED[state2_i] * absmax2[i // 256]    (unsigned map: v >= 0 gets all 256 codes)
@@ -25,247 +25,32 @@ Its update differs from the 32-bit one in two bitsandbytes details kept here: th
 folded as sqrt(v) + eps * sqrt(1 - b2^t) with step size lr * sqrt(1 - b2^t) / (1 - b1^t) (algebraically
 the same). Parameters with fewer than `min_8bit_size` elements keep 32-bit state, as in bitsandbytes.
 
-Paging (QLoRA §3 "Paged Optimizers"): on CUDA, state buffers of at least `page_threshold` elements live
-in CUDA unified ("managed") memory from `cudaMallocManaged`, called through ctypes against the
-libcudart that PyTorch already loaded. The GPU uses them like device memory; when the card runs short
-(a long sequence's activation spike) the driver evicts their pages to host RAM and faults them back
-when the optimizer next touches them, instead of the run dying with an out-of-memory error. Before each
-parameter's update its buffers are prefetched to the GPU on the current stream. The allocations live
-outside PyTorch's caching allocator (`torch.cuda.memory_allocated()` does not count them; see
-`managed_bytes()`), and are freed when the last tensor viewing them is gone. On CPU, or with
-paged=False, the same maths runs on ordinary tensors.
+Paging (QLoRA §3 "Paged Optimizers"): on CUDA, with paged=True, state buffers of at least
+`page_threshold` elements live in CUDA managed memory (`managed_memory.py`), which the driver evicts to
+host RAM when the GPU runs short instead of failing with out-of-memory; they are prefetched back to the
+GPU before each update. On CPU, or with paged=False, the same maths runs on ordinary tensors.
 
-Parameter dtypes: all maths and all state are float32. A bfloat16/float16 parameter gets a float32
-master copy in its state ("master"): the optimizer updates the master and rounds it into the parameter
-once per step, so a bf16 parameter follows round_to_bf16(float32 AdamW trajectory) exactly, and updates
-smaller than half a bf16 ulp (lr 1e-4 on a weight of 0.05 already is) accumulate instead of vanishing.
-Cost: 4 more bytes per such parameter. If something else writes the parameter between steps, elements
-that no longer equal their rounded master are re-seeded from the parameter before the next update.
+Parameters must be float32: all maths and all state are float32, and a bf16 weight would round away
+most small Adam updates (lr 1e-4 on a weight of 0.05 is below half a bf16 ulp). LoRA keeps its adapters
+in float32 for that reason (lora.py) and casts them to the compute dtype inside the forward.
 
 Deliberately left out: AMSGrad, maximize, gradient scaling/clipping (the trainer clips before step()),
-sparse gradients, float64 parameters, bitsandbytes' `max_unorm` / percentile clipping, and the 8-bit
-state of bitsandbytes' non-blockwise optimizers.
+sparse gradients, bf16/f16/float64 parameters, bitsandbytes' `max_unorm` / percentile clipping, and the
+8-bit state of bitsandbytes' non-blockwise optimizers.
 """
-import ctypes
-import glob
 import math
-import os
 import struct
-import warnings
 from collections import defaultdict
 
 import torch
 
 from double_quant import DYNAMIC_SIGNED, DYNAMIC_UNSIGNED, dequantize_blockwise, quantize_blockwise
+from managed_memory import is_managed, managed_bytes, managed_zeros, paging_available, prefetch, synchronize_managed
 
-BLOCKSIZE = 256  # 8-bit state block length; fixed by bitsandbytes' blockwise optimizer kernels (spec §5.2)
-_TYPESTR = {torch.float32: "<f4", torch.uint8: "|u1"}  # __cuda_array_interface__ element types we page
-_MEM_ATTACH_GLOBAL = 1  # cudaMallocManaged flag: accessible from any stream on any device
-_DEV_ATTR_CONCURRENT_MANAGED_ACCESS = 89  # cudaDevAttrConcurrentManagedAccess
-_MEM_LOCATION_TYPE_DEVICE = 1  # cudaMemLocationTypeDevice (CUDA >= 13 prefetch signature)
+__all__ = ["PagedAdamW", "PagedAdamW32bit", "PagedAdamW8bit", "BLOCKSIZE", "managed_bytes", "is_managed"]
 
+BLOCKSIZE = 256  # 8-bit state block length; fixed by bitsandbytes' blockwise optimizer kernels
 
-# --------------------------------------------------------------------------------------------------
-# CUDA managed memory through ctypes (spec §6.2)
-
-class _MemLocation(ctypes.Structure):  # struct cudaMemLocation { enum cudaMemLocationType type; int id; }
-    _fields_ = [("type", ctypes.c_int), ("id", ctypes.c_int)]
-
-
-class _Cudart:
-    """The handful of CUDA runtime calls paging needs, with the argument types of the loaded version."""
-
-    def __init__(self, lib: ctypes.CDLL, path: str):
-        self.lib, self.path = lib, path
-        for name in ("cudaMallocManaged", "cudaFree", "cudaRuntimeGetVersion", "cudaDeviceGetAttribute",
-                     "cudaMemPrefetchAsync", "cudaGetErrorString"):
-            getattr(lib, name)  # AttributeError here means this is not a CUDA runtime library
-        lib.cudaGetErrorString.restype = ctypes.c_char_p
-        lib.cudaGetErrorString.argtypes = [ctypes.c_int]
-        lib.cudaRuntimeGetVersion.argtypes = [ctypes.POINTER(ctypes.c_int)]
-        version = ctypes.c_int()
-        self.check(lib.cudaRuntimeGetVersion(ctypes.byref(version)), "cudaRuntimeGetVersion")
-        self.version = version.value  # 1000 * major + 10 * minor, e.g. 12080
-        lib.cudaMallocManaged.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_size_t, ctypes.c_uint]
-        lib.cudaFree.argtypes = [ctypes.c_void_p]
-        lib.cudaDeviceGetAttribute.argtypes = [ctypes.POINTER(ctypes.c_int), ctypes.c_int, ctypes.c_int]
-        # CUDA 13 replaced `int dstDevice` by a `cudaMemLocation` passed by value plus a flags word
-        # (CUDA 12.2+ exports that form as cudaMemPrefetchAsync_v2). Calling one with the other's
-        # arguments is not an error code but undefined behaviour, so the signature follows the version.
-        if self.version >= 13000:
-            self._prefetch = getattr(lib, "cudaMemPrefetchAsync_v2", None) or lib.cudaMemPrefetchAsync
-            self._prefetch.argtypes = [ctypes.c_void_p, ctypes.c_size_t, _MemLocation, ctypes.c_uint,
-                                       ctypes.c_void_p]
-        else:
-            self._prefetch = lib.cudaMemPrefetchAsync
-            self._prefetch.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
-        for fn in (lib.cudaMallocManaged, lib.cudaFree, lib.cudaRuntimeGetVersion, lib.cudaDeviceGetAttribute,
-                   self._prefetch):
-            fn.restype = ctypes.c_int
-        self._concurrent = {}  # device index -> bool
-
-    def check(self, err: int, what: str) -> None:
-        if err != 0:
-            msg = self.lib.cudaGetErrorString(err).decode(errors="replace")
-            raise RuntimeError(f"{what} failed: CUDA error {err} ({msg})")
-
-    def concurrent_managed_access(self, device: int) -> bool:
-        # 0 on Windows, WSL and pre-Pascal GPUs: there prefetching is an error and the CPU must not touch
-        # managed memory while any kernel runs. bitsandbytes skips the prefetch in that case; so do we.
-        if device not in self._concurrent:
-            value = ctypes.c_int()
-            self.check(self.lib.cudaDeviceGetAttribute(ctypes.byref(value), _DEV_ATTR_CONCURRENT_MANAGED_ACCESS,
-                                                       device), "cudaDeviceGetAttribute")
-            self._concurrent[device] = value.value != 0
-        return self._concurrent[device]
-
-    def prefetch(self, ptr: int, nbytes: int, device: int, stream: int) -> None:
-        if self.version >= 13000:
-            err = self._prefetch(ptr, nbytes, _MemLocation(_MEM_LOCATION_TYPE_DEVICE, device), 0, stream)
-        else:
-            err = self._prefetch(ptr, nbytes, device, stream)
-        self.check(err, "cudaMemPrefetchAsync")
-
-
-_CUDART = None  # loaded on first use; None until then
-_LIVE = {}  # data pointer of each live managed allocation -> (nbytes, device index)
-
-
-def _cudart() -> _Cudart:
-    """The CUDA runtime PyTorch uses (found among the loaded libraries first, so it is the same copy)."""
-    global _CUDART
-    if _CUDART is not None:
-        return _CUDART
-    torch.cuda.init()  # makes torch load its libcudart, so the copy below is the one already in memory
-    candidates = []
-    try:
-        with open("/proc/self/maps") as f:
-            candidates += [line.split()[-1] for line in f if "/libcudart.so" in line]
-    except OSError:
-        pass
-    candidates += ["libcudart.so.13", "libcudart.so.12", "libcudart.so"]  # dlopen by soname
-    site = os.path.dirname(os.path.dirname(torch.__file__))
-    candidates += sorted(glob.glob(os.path.join(site, "nvidia", "*", "lib", "libcudart.so*")), reverse=True)
-    candidates += sorted(glob.glob(os.path.join(site, "torch", "lib", "libcudart*.so*")), reverse=True)
-    errors = []
-    for path in dict.fromkeys(candidates):  # ordered, de-duplicated
-        try:
-            _CUDART = _Cudart(ctypes.CDLL(path), path)
-            return _CUDART
-        except (OSError, AttributeError, RuntimeError) as e:
-            errors.append(f"{path}: {e}")
-    raise RuntimeError("paged optimizer state needs the CUDA runtime library (libcudart) that PyTorch uses; "
-                       "none could be loaded (pass paged=False to keep the state in ordinary GPU memory):\n  "
-                       + "\n  ".join(errors))
-
-
-class _ManagedBuffer:
-    """Owns one cudaMallocManaged allocation and shows it to torch via __cuda_array_interface__.
-
-    torch.as_tensor keeps a reference to this object for as long as any tensor (or view) uses the
-    memory, so __del__ runs exactly when the last one is gone: that is where the memory is freed.
-    """
-
-    def __init__(self, shape: tuple, dtype: torch.dtype, device: int):
-        rt = _cudart()
-        self.nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        self.device, self.ptr = device, None
-        ptr = ctypes.c_void_p()
-        with torch.cuda.device(device):  # CAI consumers read the owning device from the pointer
-            rt.check(rt.lib.cudaMallocManaged(ctypes.byref(ptr), self.nbytes, _MEM_ATTACH_GLOBAL),
-                     f"cudaMallocManaged({self.nbytes} bytes)")
-        self.ptr = ptr.value
-        _LIVE[self.ptr] = (self.nbytes, device)
-        # No "stream" entry: torch would otherwise synchronize with it on import (version dependent).
-        # torch parses "typestr" with NumPy, so this path needs numpy installed (a requirement anyway).
-        self.__cuda_array_interface__ = {"shape": tuple(shape), "typestr": _TYPESTR[dtype],
-                                         "data": (self.ptr, False), "version": 3, "strides": None}
-
-    def __del__(self):
-        ptr, self.ptr = self.ptr, None
-        if not ptr:
-            return
-        try:
-            _LIVE.pop(ptr, None)
-            torch.cuda.synchronize(self.device)  # no kernel may still be using the pages
-            _CUDART.lib.cudaFree(ptr)
-        except Exception:  # interpreter shutdown: modules half torn down; the driver frees at exit anyway
-            pass
-
-
-def managed_bytes() -> int:
-    """Bytes of CUDA managed memory currently held by paged optimizer state (0 on CPU)."""
-    return sum(nbytes for nbytes, _ in _LIVE.values())
-
-
-def is_managed(t: torch.Tensor) -> bool:
-    """True if `t`'s storage is a managed (pageable) allocation made by this module."""
-    return t.is_cuda and t.untyped_storage().data_ptr() in _LIVE
-
-
-def managed_zeros(shape, dtype: torch.dtype, device) -> torch.Tensor:
-    """A zero-filled CUDA tensor in managed memory (never larger than what the card has free)."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        raise ValueError(f"managed memory is CUDA memory; got device {device}")
-    if dtype not in _TYPESTR:
-        raise ValueError(f"managed_zeros supports {list(_TYPESTR)}, got {dtype}")
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    shape = tuple(shape)
-    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    if nbytes == 0:
-        raise ValueError("managed_zeros needs at least one element (cudaMallocManaged rejects 0 bytes)")
-    # Managed memory can oversubscribe the card, but asking for more than is free at allocation time
-    # fails on systems without oversubscription and thrashes on the rest: refuse instead.
-    free = torch.cuda.mem_get_info(index)[0]
-    if nbytes > free:
-        torch.cuda.empty_cache()  # blocks cached by torch's allocator count as used until released
-        free = torch.cuda.mem_get_info(index)[0]
-    if nbytes > free:
-        raise torch.OutOfMemoryError(f"paged optimizer state: {nbytes} bytes of managed memory requested but "
-                                     f"only {free} bytes are free on cuda:{index}")
-    t = torch.as_tensor(_ManagedBuffer(shape, dtype, index), device=torch.device("cuda", index))
-    return t.zero_()  # cudaMallocManaged does not zero; this also places the pages on the GPU
-
-
-def prefetch(t: torch.Tensor) -> None:
-    """Migrate a managed tensor's pages to its GPU, ordered on the current stream (no-op elsewhere).
-
-    The current stream is the one the optimizer's kernels run on next, so they see the pages in place
-    (bitsandbytes prefetches on stream 0, which orders with torch's work only on the legacy stream).
-    """
-    if not is_managed(t):
-        return
-    rt = _cudart()
-    if rt.concurrent_managed_access(t.device.index):
-        rt.prefetch(t.data_ptr(), t.untyped_storage().nbytes(), t.device.index,
-                    torch.cuda.current_stream(t.device).cuda_stream)
-
-
-_PAGING_OK = None  # None: not tried yet
-
-
-def _paging_available() -> bool:
-    """Whether libcudart loads; if not, warn once and let the state use ordinary GPU memory."""
-    global _PAGING_OK
-    if _PAGING_OK is None:
-        try:
-            _cudart()
-            _PAGING_OK = True
-        except RuntimeError as e:
-            warnings.warn(f"PagedAdamW: paging disabled, optimizer state stays in ordinary GPU memory. {e}")
-            _PAGING_OK = False
-    return _PAGING_OK
-
-
-def _synchronize_managed() -> None:
-    """CPU reads of managed pages the GPU may still be writing are only legal after a synchronize."""
-    for device in {device for _, device in _LIVE.values()}:
-        torch.cuda.synchronize(device)
-
-
-# --------------------------------------------------------------------------------------------------
-# The optimizer
 
 def _f32(x: float) -> float:
     """Round a Python float to float32. For +, -, *, /, sqrt of float32 inputs, computing in double and
@@ -292,8 +77,7 @@ class PagedAdamW(torch.optim.Optimizer):
 
     State per parameter (state_dict() round-trips it exactly; see load_state_dict):
       "step" (int), 32-bit: "exp_avg", "exp_avg_sq" (float32, p's shape);
-      8-bit: "state1", "state2" (uint8, p's shape), "absmax1", "absmax2" (float32 [ceil(n / 256)]);
-      non-float32 parameters also: "master" (float32, p's shape).
+      8-bit: "state1", "state2" (uint8, p's shape), "absmax1", "absmax2" (float32 [ceil(n / 256)]).
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, optim_bits=32,
@@ -317,10 +101,11 @@ class PagedAdamW(torch.optim.Optimizer):
                 raise ValueError(f"PagedAdamW: {message}; got group options "
                                  f"{ {k: v for k, v in group.items() if k != 'params'} }")
         for p in group["params"]:
-            if p.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            if p.dtype != torch.float32:
                 self.param_groups.pop()
-                raise ValueError(f"PagedAdamW keeps float32 state and updates float32, bfloat16 or float16 "
-                                 f"parameters; got a {p.dtype} parameter of shape {tuple(p.shape)}")
+                raise ValueError(f"PagedAdamW updates float32 parameters (keep a float32 copy of a low-precision "
+                                 f"weight and cast it in the forward, as lora.py does); got a {p.dtype} "
+                                 f"parameter of shape {tuple(p.shape)}")
 
     # ---- state allocation ----------------------------------------------------------------------
 
@@ -328,15 +113,12 @@ class PagedAdamW(torch.optim.Optimizer):
         """A zero state buffer on p's device: managed memory if paging applies to it, else ordinary."""
         numel = math.prod(shape)
         if (pageable and group["paged"] and p.is_cuda and numel > 0 and numel >= group["page_threshold"]
-                and _paging_available()):
+                and paging_available()):
             return managed_zeros(shape, dtype, p.device)
         return torch.zeros(shape, dtype=dtype, device=p.device)
 
     def _init_state(self, p: torch.Tensor, group: dict) -> dict:
         state = {"step": 0}
-        if p.dtype != torch.float32:
-            state["master"] = self._zeros(p, p.shape, torch.float32, group)
-            state["master"].copy_(p)  # exact: every bf16/f16 value is a float32 value
         if group["optim_bits"] == 8 and p.numel() >= group["min_8bit_size"]:
             nblocks = -(-p.numel() // BLOCKSIZE)
             state["state1"] = self._zeros(p, p.shape, torch.uint8, group)  # code 0 * absmax 0 = m of 0
@@ -358,7 +140,7 @@ class PagedAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            by_device = {}  # device -> the 32-bit-state tensors updated together with _foreach ops
+            plain = {}  # device -> parameters with 32-bit state, updated together with _foreach ops
             for p in group["params"]:
                 if p.grad is None or not p.requires_grad:
                     continue
@@ -367,27 +149,18 @@ class PagedAdamW(torch.optim.Optimizer):
                 state = self.state[p]
                 if not state:
                     state.update(self._init_state(p, group))
-                if _LIVE:
-                    for value in state.values():
-                        if isinstance(value, torch.Tensor):
-                            prefetch(value)
-                master = state.get("master")
-                if master is not None:
-                    # elements written by someone else since the last step: the parameter wins
-                    master.copy_(torch.where(master.to(p.dtype) == p, master, p.float()))
+                for value in state.values():
+                    if isinstance(value, torch.Tensor):
+                        prefetch(value)  # a no-op unless the buffer is managed memory
                 state["step"] += 1
                 if "state1" in state:
                     self._step_8bit(p, state, group)
-                    continue
-                lists = by_device.setdefault(p.device, ([], [], [], [], [], []))
-                for lst, item in zip(lists, (p if master is None else master, p.grad.float(),
-                                             state["exp_avg"], state["exp_avg_sq"], state["step"], p)):
-                    lst.append(item)
-            for params, grads, exp_avgs, exp_avg_sqs, steps, originals in by_device.values():
-                self._step_32bit(group, params, grads, exp_avgs, exp_avg_sqs, steps)
-                for p, p32 in zip(originals, params):
-                    if p is not p32:
-                        p.copy_(p32)  # round the float32 master into the bf16/f16 parameter (RNE)
+                else:
+                    plain.setdefault(p.device, []).append(p)
+            for params in plain.values():
+                states = [self.state[p] for p in params]
+                self._step_32bit(group, params, [p.grad for p in params], [s["exp_avg"] for s in states],
+                                 [s["exp_avg_sq"] for s in states], [s["step"] for s in states])
         return loss
 
     @staticmethod
@@ -399,7 +172,7 @@ class PagedAdamW(torch.optim.Optimizer):
         lr, eps, weight_decay = group["lr"], group["eps"], group["weight_decay"]
         if weight_decay != 0:
             torch._foreach_mul_(params, 1 - lr * weight_decay)  # decay first (AdamW Algorithm 2, line 12)
-        # Why the state is float32 whatever p's dtype: in bf16, b2 = 0.999 rounds to 1.0 (v never decays)
+        # Why the state is float32, not bf16 to save memory: in bf16, b2 = 0.999 rounds to 1.0 (v never decays)
         # and the increment (1 - b2) * g^2 ~ 0.001 * v is below half an ulp of v (>= 0.002 * v), so it
         # vanishes: v stops tracking the gradient altogether.
         torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
@@ -416,7 +189,7 @@ class PagedAdamW(torch.optim.Optimizer):
 
     @staticmethod
     def _step_8bit(p: torch.Tensor, state: dict, group: dict):
-        """One bitsandbytes blockwise 8-bit AdamW update (spec §5.3), vectorized over the whole tensor."""
+        """One bitsandbytes blockwise 8-bit AdamW update, vectorized over the whole tensor."""
         # the kernel receives every hyperparameter as float32 and derives the rest in float32
         b1, b2 = (_f32(b) for b in group["betas"])
         lr, eps, wd = _f32(group["lr"]), _f32(group["eps"]), _f32(group["weight_decay"])
@@ -440,14 +213,11 @@ class PagedAdamW(torch.optim.Optimizer):
         m = torch.where(finite, m, 0.0)
         v = torch.where(finite, v, 0.0)
 
-        target = state["master"] if "master" in state else p
-        p32 = target.reshape(-1)  # (n,); a copy only if p is not contiguous
+        p32 = p.reshape(-1)  # (n,); a copy only if p is not contiguous
         new = p32 + m / (v.sqrt() + eps_c2) * step_size
         if wd > 0:
             new = new * _f32(1.0 - _f32(lr * wd))  # decay *after* the step, as the kernel does
-        target.copy_(torch.where(finite, new, p32).view(target.shape))
-        if target is not p:
-            p.copy_(target)  # round the float32 master into the bf16/f16 parameter (RNE)
+        p.copy_(torch.where(finite, new, p32).view(p.shape))
 
         # Re-quantize with the new per-block absmax. The kernel reduces the max over all 256 lanes of
         # the last, partial block; lanes past n hold state1 = 128 (+5.5e-7) and g = 0, so they add
@@ -476,7 +246,7 @@ class PagedAdamW(torch.optim.Optimizer):
     def state_dict(self) -> dict:
         """torch's layout ({"state": {index: {...}}, "param_groups": [...]}); tensors are the live state
         (as in torch), so copy or save them before stepping again."""
-        _synchronize_managed()
+        synchronize_managed()
         return super().state_dict()
 
     _CODE_STATE = ("state1", "state2")  # uint8, p's shape
@@ -486,8 +256,8 @@ class PagedAdamW(torch.optim.Optimizer):
         """Restore state saved by state_dict() (also accepts torch.optim.AdamW's).
 
         Overrides torch's version, which casts floating state to the parameter's dtype and device: that
-        would turn the float32 moments of bf16 parameters into bf16 and managed buffers into ordinary
-        ones. Here every buffer is re-allocated as _init_state would (managed where paging applies),
+        would turn managed buffers into ordinary ones (and the moments of a low-precision parameter into
+        its dtype). Here every buffer is re-allocated as _init_state would (managed where paging applies),
         keeps its saved dtype, and is filled by copy. Hyperparameters come from the saved groups (as in
         torch); the state dict's tensors are not aliased. (torch's load_state_dict hooks are not run.)
         """
@@ -518,11 +288,9 @@ class PagedAdamW(torch.optim.Optimizer):
         if not keys:
             return {}
         nblocks = -(-p.numel() // BLOCKSIZE)
-        if keys - {"master"} not in ({"exp_avg", "exp_avg_sq"}, {"state1", "state2", "absmax1", "absmax2"}):
+        if keys not in ({"exp_avg", "exp_avg_sq"}, {"state1", "state2", "absmax1", "absmax2"}):
             raise ValueError(f"unrecognized optimizer state keys {sorted(saved)} for a parameter of shape "
                              f"{tuple(p.shape)}; expected exp_avg/exp_avg_sq or state1/state2/absmax1/absmax2")
-        if "master" in keys and p.dtype == torch.float32:
-            raise ValueError("saved state has a float32 master copy but the parameter is already float32")
         state = {"step": int(saved.get("step", 0))}  # int() also reads torch.optim.AdamW's tensor step
         for key in sorted(keys):
             value = saved[key]
@@ -537,9 +305,6 @@ class PagedAdamW(torch.optim.Optimizer):
                 raise ValueError(f"saved {key!r} must be floating point, got {value.dtype}")
             state[key] = self._zeros(p, shape, dtype, group, pageable=key not in self._ABSMAX_STATE)
             state[key].copy_(value)
-        if p.dtype != torch.float32 and "master" not in state:
-            state["master"] = self._zeros(p, p.shape, torch.float32, group)
-            state["master"].copy_(p)
         return state
 
 

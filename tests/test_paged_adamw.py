@@ -1,7 +1,6 @@
-"""PagedAdamW against its references: torch.optim.AdamW (32-bit), a float32-master AdamW (bf16
-parameters), bitsandbytes' 8-bit blockwise kernel (tests/fixtures/bnb/adamw8bit.safetensors), and itself
-across a checkpoint (resume). CUDA-only tests cover managed memory, prefetch and paging under pressure."""
-import gc
+"""PagedAdamW against its references: torch.optim.AdamW (32-bit), bitsandbytes' 8-bit blockwise kernel
+(tests/fixtures/bnb/adamw8bit.safetensors), and itself across a checkpoint (resume). CUDA-only tests cover
+paged state and paging under pressure (managed memory itself: test_managed_memory.py)."""
 import io
 import json
 import math
@@ -10,8 +9,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
+import managed_memory
 import paged_adamw
 from conftest import BNB
+from test_managed_memory import pointer_is_managed
 from paged_adamw import BLOCKSIZE, PagedAdamW, PagedAdamW8bit, PagedAdamW32bit
 
 
@@ -95,61 +96,13 @@ def test_loads_torch_adamw_state_and_continues_identically():
 
 
 # ---------------------------------------------------------------------------------------------
-# bf16 parameters: float32 master copy
-#
-# Reference: torch.optim.AdamW on float32 copies of the bf16 parameters ("masters"), fed each step
-# with the bf16 gradient converted to float32. After every step, each bf16 parameter must equal its
-# master rounded to bf16, bit for bit, and our float32 state must match the reference's.
+# Parameter dtypes: float32 only (LoRA keeps its adapters in float32; see lora.py)
 
-def test_bf16_params_follow_float32_master_reference():
-    shapes = [(40, 64), (64,)]
-    mine = make_params(shapes, dtype=torch.bfloat16)
-    masters = [p.detach().float().requires_grad_() for p in mine]
-    torch_opt = torch.optim.AdamW(masters, lr=3e-3, weight_decay=0.1, foreach=True)
-    opt = PagedAdamW(mine, lr=3e-3, weight_decay=0.1)
-    for step in range(20):
-        set_grads(step, mine)
-        for p, m in zip(mine, masters):
-            m.grad = p.grad.float()
-        torch_opt.step()
-        opt.step()
-        for p, m in zip(mine, masters):
-            assert p.dtype == torch.bfloat16
-            assert torch.equal(p, m.detach().to(torch.bfloat16)), f"step {step}"
-            assert ulps(opt.state[p]["master"], m) <= 4
-    for p, m in zip(mine, masters):
-        for key in ("exp_avg", "exp_avg_sq", "master"):
-            assert opt.state[p][key].dtype == torch.float32
-        assert ulps(opt.state[p]["exp_avg_sq"], torch_opt.state[m]["exp_avg_sq"]) <= 4
-
-
-def test_bf16_updates_below_half_an_ulp_accumulate():
-    # bf16 ulp at 1.0 is 2^-7 = 0.0078; 40 Adam steps of ~1e-3 each must move the parameter, although
-    # each one alone rounds away. Without a float32 master the parameter would never change.
-    p = torch.ones(64, dtype=torch.bfloat16, requires_grad=True)
-    opt = PagedAdamW([p], lr=1e-3)
-    for _ in range(40):
-        p.grad = torch.ones_like(p)
-        opt.step()
-    assert torch.all(p < 1.0)
-    torch.testing.assert_close(opt.state[p]["master"], torch.full((64,), 1 - 40e-3), rtol=0, atol=1e-5)
-
-
-def test_bf16_param_written_between_steps_reseeds_master():
-    p = make_params([(8, 8)], dtype=torch.bfloat16)[0]
-    opt = PagedAdamW([p], lr=1e-2)
-    master_ref = p.detach().float().requires_grad_()
-    torch_opt = torch.optim.AdamW([master_ref], lr=1e-2, weight_decay=0.0, foreach=True)
-    for step in range(6):
-        if step == 3:  # someone (a checkpoint load, a clamp) writes part of the parameter
-            with torch.no_grad():
-                p[0].fill_(0.5)
-                master_ref[0].fill_(0.5)
-        set_grads(step, [p])
-        master_ref.grad = p.grad.float()
-        opt.step()
-        torch_opt.step()
-        assert torch.equal(p, master_ref.detach().to(torch.bfloat16)), f"step {step}"
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_non_float32_params_are_a_clear_error(dtype):
+    p = make_params([(8, 8)], dtype=dtype)
+    with pytest.raises(ValueError, match=f"float32 parameters.*{str(dtype).split('.')[1]}"):
+        PagedAdamW(p)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,16 +135,15 @@ def test_8bit_matches_bitsandbytes_fixture():
 
 
 def test_8bit_only_for_params_of_min_8bit_size():
-    small, big, bf16 = make_params([(4095,), (16, 256)]) + make_params([(300, 20)], dtype=torch.bfloat16)
-    opt = PagedAdamW8bit([small, big, bf16])  # min_8bit_size 4096
-    set_grads(0, [small, big, bf16])
+    small, big, odd = make_params([(4095,), (16, 256), (300, 20)])
+    opt = PagedAdamW8bit([small, big, odd])  # min_8bit_size 4096
+    set_grads(0, [small, big, odd])
     opt.step()
     assert set(opt.state[small]) == {"step", "exp_avg", "exp_avg_sq"}
     assert opt.state[small]["exp_avg"].dtype == torch.float32
     assert opt.state[big]["state1"].dtype == torch.uint8 and opt.state[big]["state1"].shape == big.shape
     assert opt.state[big]["absmax1"].shape == (16,)
-    assert opt.state[bf16]["master"].dtype == torch.float32
-    assert opt.state[bf16]["absmax2"].shape == (-(-6000 // BLOCKSIZE),)
+    assert opt.state[odd]["absmax2"].shape == (-(-6000 // BLOCKSIZE),)
     state_bytes = sum(v.numel() * v.element_size() for k, v in opt.state[big].items() if k != "step")
     assert state_bytes / big.numel() == 2 + 8 / BLOCKSIZE
 
@@ -235,10 +187,9 @@ def test_8bit_nonfinite_gradient_is_skipped_elementwise():
 def test_resume_gives_the_same_trajectory(optim_bits):
     shapes = [(64, 80), (10,)]  # 5120 elements -> 8-bit state; 10 -> 32-bit state
     def build(params):
-        fp32, bf16 = params[:2], params[2:]
-        return PagedAdamW([{"params": fp32}, {"params": bf16, "weight_decay": 0.0}], lr=1e-3, weight_decay=0.02,
-                          optim_bits=optim_bits)
-    make = lambda: make_params(shapes) + make_params([(70, 64)], dtype=torch.bfloat16, seed=1)  # noqa: E731
+        return PagedAdamW([{"params": params[:2]}, {"params": params[2:], "weight_decay": 0.0}], lr=1e-3,
+                          weight_decay=0.02, optim_bits=optim_bits)
+    make = lambda: make_params(shapes) + make_params([(70, 64)], seed=1)  # noqa: E731
     straight, resumed = make(), make()
     opt = build(straight)
     for step in range(10):
@@ -262,10 +213,9 @@ def test_resume_gives_the_same_trajectory(optim_bits):
     second = build(resumed)  # built with lr 1e-3; the checkpoint's 5e-3 must win
     second.load_state_dict(ckpt["optimizer"])
     assert second.param_groups[0]["lr"] == 5e-3
-    bf16_state = second.state[resumed[2]]
-    assert bf16_state["master"].dtype == torch.float32
+    second_group_state = second.state[resumed[2]]
     moment, dtype = ("state1", torch.uint8) if optim_bits == 8 else ("exp_avg", torch.float32)
-    assert bf16_state[moment].dtype == dtype
+    assert second_group_state[moment].dtype == dtype
     for step in range(5, 10):
         set_grads(step, resumed)
         second.step()
@@ -343,83 +293,12 @@ def test_cpu_state_is_ordinary_memory():
     opt = PagedAdamW([p], paged=True)
     set_grads(0, [p])
     opt.step()
-    assert not any(paged_adamw.is_managed(v) for v in opt.state[p].values() if isinstance(v, torch.Tensor))
-    assert paged_adamw.managed_bytes() == 0
+    assert not any(managed_memory.is_managed(v) for v in opt.state[p].values() if isinstance(v, torch.Tensor))
+    assert managed_memory.managed_bytes() == 0
 
 
 # ---------------------------------------------------------------------------------------------
-# CUDA: managed memory, prefetch, paging (skipped without a GPU)
-
-def test_cudart_bindings_follow_the_runtime_version():
-    # Runs wherever a libcudart is installed, GPU or not (calls without a GPU return error codes).
-    import ctypes
-    lib = None
-    for name in ("libcudart.so.13", "libcudart.so.12", "libcudart.so"):
-        try:
-            lib = ctypes.CDLL(name)
-            break
-        except OSError:
-            continue
-    if lib is None:
-        pytest.skip("no libcudart on this machine")
-    rt = paged_adamw._Cudart(lib, name)
-    assert rt.version >= 11000
-    location_arg = rt._prefetch.argtypes[2]
-    assert location_arg is (paged_adamw._MemLocation if rt.version >= 13000 else ctypes.c_int)
-    assert ctypes.sizeof(paged_adamw._MemLocation) == 8
-    with pytest.raises(RuntimeError, match="CUDA error 1 "):
-        rt.check(1, "cudaSomething")  # 1 = cudaErrorInvalidValue
-
-
-def _pointer_is_managed(t: torch.Tensor) -> bool:
-    """Ask the CUDA runtime itself (cudaPointerGetAttributes) rather than paged_adamw's bookkeeping."""
-    import ctypes
-
-    class Attributes(ctypes.Structure):  # struct cudaPointerAttributes (CUDA >= 11)
-        _fields_ = [("type", ctypes.c_int), ("device", ctypes.c_int), ("devicePointer", ctypes.c_void_p),
-                    ("hostPointer", ctypes.c_void_p), ("reserved", ctypes.c_long * 16)]  # slack for newer CUDA
-    lib = paged_adamw._cudart().lib
-    attrs = Attributes()
-    assert lib.cudaPointerGetAttributes(ctypes.byref(attrs), ctypes.c_void_p(t.data_ptr())) == 0
-    return attrs.type == 3  # cudaMemoryTypeManaged
-
-
-@pytest.mark.cuda
-def test_cuda_managed_alloc_view_lifetime_and_free():
-    gc.collect()
-    base = paged_adamw.managed_bytes()
-    t = paged_adamw.managed_zeros((1000, 256), torch.float32, "cuda")
-    assert t.is_cuda and t.dtype == torch.float32 and t.shape == (1000, 256)
-    assert paged_adamw.is_managed(t) and _pointer_is_managed(t)
-    assert paged_adamw.managed_bytes() == base + 1000 * 256 * 4
-    assert torch.count_nonzero(t).item() == 0
-    t += torch.arange(256, device="cuda", dtype=torch.float32)
-    view = t[10:20]
-    del t
-    gc.collect()
-    assert paged_adamw.managed_bytes() == base + 1000 * 256 * 4  # a view keeps the allocation alive
-    torch.testing.assert_close(view.sum(0).cpu(), 10 * torch.arange(256, dtype=torch.float32))
-    del view
-    gc.collect()
-    assert paged_adamw.managed_bytes() == base
-    u = paged_adamw.managed_zeros((77,), torch.uint8, "cuda")
-    assert u.dtype == torch.uint8 and _pointer_is_managed(u)
-    with pytest.raises(torch.OutOfMemoryError):
-        paged_adamw.managed_zeros((torch.cuda.mem_get_info()[1] // 4 + 1,), torch.float32, "cuda")
-
-
-@pytest.mark.cuda
-def test_cuda_prefetch_is_ordered_on_the_current_stream():
-    t = paged_adamw.managed_zeros((1 << 20,), torch.float32, "cuda")
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            paged_adamw.prefetch(t)
-            t.add_(1.0)
-    torch.cuda.current_stream().wait_stream(side)
-    assert torch.all(t == 3.0).item()
-
+# CUDA: paged state, paging under memory pressure (skipped without a GPU)
 
 @pytest.mark.cuda
 def test_cuda_paged_32bit_equals_torch_adamw():
@@ -431,7 +310,7 @@ def test_cuda_paged_32bit_equals_torch_adamw():
         set_grads(step, ref, mine)
         torch_opt.step()
         opt.step()
-    assert [paged_adamw.is_managed(opt.state[p]["exp_avg"]) for p in mine] == [True, True, False]
+    assert [managed_memory.is_managed(opt.state[p]["exp_avg"]) for p in mine] == [True, True, False]
     for r, m in zip(ref, mine):
         assert ulps(m, r) <= 4
 
@@ -446,8 +325,8 @@ def test_cuda_paged_8bit_matches_cpu():
         set_grads(step, cpu, gpu)
         opt_cpu.step()
         opt_gpu.step()
-    assert paged_adamw.is_managed(opt_gpu.state[gpu[0]]["state1"])
-    assert not paged_adamw.is_managed(opt_gpu.state[gpu[0]]["absmax1"])
+    assert managed_memory.is_managed(opt_gpu.state[gpu[0]]["state1"])
+    assert not managed_memory.is_managed(opt_gpu.state[gpu[0]]["absmax1"])
     for c, g in zip(cpu, gpu):
         torch.testing.assert_close(g.cpu(), c, rtol=1e-5, atol=1e-7)
         codes_equal = (opt_gpu.state[g]["state1"].cpu() == opt_cpu.state[c]["state1"]).float().mean()
@@ -473,7 +352,7 @@ def test_cuda_paged_state_round_trip(optim_bits):
     second.load_state_dict(torch.load(buf, weights_only=True, map_location="cpu"))  # host copy -> paged again
     big = second.state[resumed[0]]
     key = "state1" if optim_bits == 8 else "exp_avg"
-    assert big[key].is_cuda and paged_adamw.is_managed(big[key]) and _pointer_is_managed(big[key])
+    assert big[key].is_cuda and managed_memory.is_managed(big[key]) and pointer_is_managed(big[key])
     assert big[key].dtype == (torch.uint8 if optim_bits == 8 else torch.float32)
     for step in range(3, 6):
         set_grads(step, straight, resumed)
@@ -504,8 +383,8 @@ def test_cuda_paging_under_memory_pressure():
     p.grad = grads[0]
     opt.step()
     state_bytes = sum(v.untyped_storage().nbytes() for v in opt.state[p].values() if isinstance(v, torch.Tensor))
-    assert state_bytes == 8 * n and paged_adamw.managed_bytes() >= state_bytes
-    assert all(paged_adamw.is_managed(opt.state[p][k]) for k in ("exp_avg", "exp_avg_sq"))
+    assert state_bytes == 8 * n and managed_memory.managed_bytes() >= state_bytes
+    assert all(managed_memory.is_managed(opt.state[p][k]) for k in ("exp_avg", "exp_avg_sq"))
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     try:
