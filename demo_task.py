@@ -20,7 +20,7 @@ Scoring (exact match): the generated text, stripped of surrounding whitespace, m
 Key order and whitespace inside the JSON are not judged; anything else (prose, a code fence, a string
 "29") is a miss.
 
-Public names: `prepare`, `evaluate`, `DEMO_TRAIN_DEFAULTS` (used by train.py's no-argument run),
+Public names: `prepare`, `evaluate`, `report`, `DEMO_TRAIN_DEFAULTS` (used by train.py's no-argument run),
 `make_rows`, `exact_match`.
 """
 import json
@@ -202,6 +202,22 @@ def evaluate(model, tokenizer, rows, max_new_tokens=None, batch_size=EVAL_BATCH_
     model.train(was_training)
     hits = sum(exact_match(out, r["messages"][-1]["content"]) for out, r in zip(outputs, rows))
     return 100.0 * hits / max(len(rows), 1), outputs
+
+
+def report(model, tokenizer, rows, before=None):
+    """train.py's demo report: the held-out exact match before training (returned), or after it next to
+    `before`, with two sample answers. Scored in eval mode (no dropout), as generation runs."""
+    model.eval()
+    accuracy, outputs = evaluate(model, tokenizer, rows)
+    if before is None:
+        print(f"held-out exact match before training: {accuracy:.1f}%")
+        return accuracy
+    print(f"held-out exact match: before {before:.1f}% -> after {accuracy:.1f}%")
+    for row, output in list(zip(rows, outputs))[:2]:
+        print(f"--- sample\nprompt:   {row['messages'][-2]['content']}\n"
+              f"expected: {row['messages'][-1]['content']}\nmodel:    {output}")
+    print("next: python merge.py   (merges this run)   or   python generate.py   (chats with it)")
+    return accuracy
 
 
 def main():

@@ -17,16 +17,11 @@ gives the gradient of one big batch (averaging per micro-batch would weight shor
 Defaults are the QLoRA recipe (§4, Appendix B: NF4 + double quant, LoRA r 64 / alpha 16 / dropout 0.1 on
 every linear layer, lr 2e-4 constant, max grad norm 0.3, paged AdamW, gradient checkpointing, batch 16).
 
-Things a reader might look for, and where they are:
-- Masks are built while tokenizing: each row is a list of (text, trained?) segments tokenized one by
-  one; chat rows are rendered prefix by prefix with the chat template (never by searching for template
-  text in the output). EOS is appended and trained on, whatever the pad token is (pad = eos with the
-  eos masked out trains a model that never stops).
-- The loss never materializes fp32 logits for the whole batch: only supervised positions are gathered,
-  and `LMHeadCrossEntropy` runs the output head chunk by chunk, computing each chunk's gradient in the
-  same pass (as Liger's fused linear cross-entropy does) so no logits are kept for backward.
-- Packing (`--packing`) concatenates rows into `--seq-len` blocks with per-row position ids and a
-  block-diagonal causal mask, so rows never attend to each other.
+The file reads top to bottom: the configuration (one dataclass, the CLI generated from it), the setup
+(device, dtype, model, optimizer, data), checkpoints, one training step, and the loop in `train`, which
+has nanoGPT's shape: one short block per stage. Elsewhere:
+- data.py: rows -> token ids with the "trained on" mask m_t (chat rows rendered prefix by prefix), packing.
+- lm_loss.py: the loss without fp32 logits for the whole batch (the head runs chunk by chunk).
 - Checkpoints hold everything a bit-exact resume needs: adapter (PEFT layout), optimizer state, step,
   data position (epoch, batch; the shuffle is a pure function of seed and epoch), RNG states. The LR
   schedule is a pure function of the step, so the step is its whole state.
@@ -37,7 +32,6 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import random
 import shutil
 import sys
@@ -47,26 +41,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 import llama
 import lora
 import nf4
+from data import IGNORE, batch_order, make_batch, pack, read_rows, show_example, split_eval, tokenize_rows
+from lm_loss import lm_loss_sum, loss_chunk_rows
 from tokenizer import Tokenizer
 
 DEFAULT_DATASET = "mlabonne/guanaco-llama2-1k"  # the classic QLoRA Colab's 1k-row Guanaco subset
-DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".txt")
-IGNORE = -100  # target id for positions that are not trained on
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-# QLoRA's own prompt for Alpaca-style rows (qlora.py ALPACA_PROMPT_DICT, after Stanford Alpaca).
-ALPACA_PROMPT = ("Below is an instruction that describes a task, paired with an input that provides further "
-                 "context. Write a response that appropriately completes the request.\n\n"
-                 "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response: ")
-ALPACA_PROMPT_NO_INPUT = ("Below is an instruction that describes a task. Write a response that appropriately "
-                          "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response: ")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -169,295 +154,75 @@ def validate(cfg):
         raise ValueError(f"--lr must be > 0, got {cfg.lr}")
 
 
-# ---------------------------------------------------------------------------------------------------
-# Data: rows from files or the hub, each tokenized into ids and a "trained on" mask.
-
-def _data_files(root, split):
-    """The data files of `split` under a directory laid out like a hub dataset (data/train-*.parquet,
-    train.jsonl, train/part-0.json ...); a directory with no split names at all is one split."""
-    files = sorted(p for p in Path(root).rglob("*") if p.suffix in DATA_SUFFIXES and p.is_file()
-                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
-
-    def split_of(p):
-        for part in [*p.relative_to(root).parent.parts, p.stem]:
-            name = part.split("-")[0].split("_")[0].split(".")[0]
-            if name in ("train", "test", "validation", "valid", "dev", "eval"):
-                return name
-        return None
-
-    chosen = [p for p in files if split_of(p) == split]
-    if not chosen and split == "train" and files and all(split_of(p) is None for p in files):
-        chosen = files
-    if not chosen:
-        found = ", ".join(str(p.relative_to(root)) for p in files[:8]) or "none"
-        raise FileNotFoundError(f"no data files for split {split!r} in {root} (found: {found}); "
-                                f"pick one with --data-split")
-    return chosen
-
-
-def read_rows(source, split="train"):
-    """[(row dict, "file:line")] from a local file or directory, or a hub dataset id."""
-    path = Path(source).expanduser()
-    if path.is_dir():
-        files = _data_files(path, split)
-    elif path.is_file():
-        if path.suffix not in DATA_SUFFIXES:
-            raise ValueError(f"--data {source}: unsupported file type; use one of {', '.join(DATA_SUFFIXES)}")
-        files = [path]
-    elif path.suffix in DATA_SUFFIXES or source.startswith((".", "/", "~")) or source.count("/") != 1:
-        raise FileNotFoundError(f"--data {source}: no such file (and not a hub dataset id like owner/name)")
-    else:
-        import huggingface_hub
-        try:
-            snapshot = huggingface_hub.snapshot_download(
-                source, repo_type="dataset", allow_patterns=[f"*{s}" for s in DATA_SUFFIXES])
-        except Exception as e:  # offline, unknown repo, gated ... all mean the same to the user
-            raise FileNotFoundError(f"--data {source}: could not get this hub dataset ({type(e).__name__}: "
-                                    f"{e}); check the id, your network / HF_HUB_OFFLINE, or pass a local file") from e
-        files = _data_files(snapshot, split)
-    rows = []
-    for f in files:
-        rows += _read_file(f)
-    if not rows:
-        raise ValueError(f"--data {source}: the dataset is empty (no rows in {', '.join(map(str, files))})")
-    return rows
-
-
-def _read_file(path):
-    if path.suffix == ".jsonl":
-        rows = []
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append((json.loads(line), f"{path}:{number}"))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{number}: malformed JSON ({e.msg} at column {e.colno})") from None
-        return rows
-    if path.suffix == ".json":
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
-        if not isinstance(data, list):
-            raise ValueError(f"{path}: expected a JSON list of row objects, got {type(data).__name__}")
-        return [(row, f"{path}: row {i}") for i, row in enumerate(data)]
-    if path.suffix == ".parquet":
-        import pyarrow.parquet
-        return [(row, f"{path}: row {i}") for i, row in enumerate(pyarrow.parquet.read_table(path).to_pylist())]
-    # .txt: paragraphs (separated by blank lines) are rows of plain text, trained on entirely
-    rows, start, lines = [], None, path.read_text(encoding="utf-8").splitlines() + [""]
-    for number, line in enumerate(lines, 1):
-        if line.strip() and start is None:
-            start = number
-        elif not line.strip() and start is not None:
-            rows.append(({"text": "\n".join(lines[start - 1:number - 1])}, f"{path}:{start}"))
-            start = None
-    return rows
-
-
-def _segments(row, where, tokenizer):
-    """The row as [(text, trained?)] pieces whose concatenation is the training text."""
-    def text(key):
-        if not isinstance(row.get(key), str):
-            raise ValueError(f"{where}: field {key!r} must be a string, got {type(row.get(key)).__name__}")
-        return row[key]
-
-    if not isinstance(row, dict):
-        raise ValueError(f"{where}: expected a JSON object per row, got {type(row).__name__}")
-    row = {k: v for k, v in row.items() if v is not None}  # parquet gives every row every column, as null
-    if "messages" in row:
-        return _chat_segments(row["messages"], where, tokenizer)
-    if "prompt" in row and "completion" in row:
-        return [(text("prompt"), False), (text("completion"), True)]
-    if "instruction" in row and "output" in row:
-        template = ALPACA_PROMPT if row.get("input") else ALPACA_PROMPT_NO_INPUT
-        prompt = template.format(instruction=text("instruction"), input=row.get("input") or "")
-        return [(prompt, False), (text("output"), True)]
-    if "text" in row:
-        return [(text("text"), True)]
-    raise ValueError(f"{where}: unrecognised row with keys {sorted(row)}; expected {{text}}, "
-                     "{prompt, completion}, {instruction, input, output} or {messages}")
-
-
-def _chat_segments(messages, where, tokenizer):
-    """Render the conversation prefix by prefix: the text a prefix adds is one segment, trained on only
-    when it is an assistant turn (its generation prompt, e.g. "<|assistant|>\\n", is not)."""
-    if tokenizer.chat_template is None:
-        raise ValueError(f"{where}: a messages row needs a chat template, and this model's tokenizer has none")
-    if not (isinstance(messages, list) and messages and all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in messages)):
-        raise ValueError(f"{where}: 'messages' must be a non-empty list of {{role, content}} string objects")
-    segments, done = [], ""
-    for i, message in enumerate(messages):
-        pieces = []
-        if message["role"] == "assistant":
-            prompt = tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True)
-            pieces.append((prompt, False))
-        full = tokenizer.apply_chat_template(messages[:i + 1])
-        pieces.append((full, message["role"] == "assistant"))
-        for rendered, trained in pieces:
-            if not rendered.startswith(done):
-                raise ValueError(f"{where}: the chat template does not render this conversation prefix by "
-                                 f"prefix (turn {i} changes earlier text), so its masks can't be built")
-            segments.append((rendered[len(done):], trained))
-            done = rendered
-    return segments
-
-
-def tokenize_row(row, where, tokenizer):
-    """(ids, trained) lists: trained[t] says whether ids[t] is a target (predicted from ids[:t])."""
-    ids, trained = [], []
-    # BOS as the model's own tokenizer adds it (Llama 2/3 yes, SmolLM2 no); chat templates write their own
-    bos = tokenizer.adds_bos and not (isinstance(row, dict) and "messages" in row)
-    piece, train = [], False
-    for text, train in _segments(row, where, tokenizer):
-        piece = tokenizer.encode(text, add_bos=bos and not ids)  # no second BOS if the text starts with one
-        ids += piece
-        trained += [train] * len(piece)
-    # Learning to stop is learning too: a trained ending gets an EOS unless it has one already (a chat
-    # template's end of turn, or a text ending in "</s>"). pad = eos does not matter: masks come from here.
-    if train and not any(t in tokenizer.eos_ids for t in piece):
-        ids.append(tokenizer.eos_ids[0])
-        trained.append(True)
-    if ids:
-        trained[0] = False  # nothing predicts the first token
-    return ids, trained
-
-
-def tokenize_rows(rows, tokenizer, seq_len):
-    """Tokenize every row, truncating to seq_len; returns (examples, counts)."""
-    examples, truncated, empty = [], 0, 0
-    for row, where in rows:
-        ids, trained = tokenize_row(row, where, tokenizer)
-        if len(ids) > seq_len:
-            ids, trained, truncated = ids[:seq_len], trained[:seq_len], truncated + 1
-        if not any(trained):
-            empty += 1  # e.g. a prompt longer than seq_len: nothing left to learn from
-            continue
-        examples.append((ids, trained))
-    return examples, {"rows": len(rows), "truncated": truncated, "without_targets": empty}
-
-
-def collate(examples, pad_id):
-    """Right-pad examples into a batch dict: input_ids (B, T), targets (B, T) (IGNORE where untrained)."""
-    longest = max(len(ids) for ids, _ in examples)
-    input_ids = torch.full((len(examples), longest), pad_id, dtype=torch.long)  # (B, T)
-    targets = torch.full((len(examples), longest), IGNORE, dtype=torch.long)  # (B, T)
-    for b, (ids, trained) in enumerate(examples):
-        row = torch.tensor(ids)
-        input_ids[b, :len(ids)] = row
-        # targets[t] = the token at t+1 if that token is trained on
-        targets[b, :len(ids) - 1] = torch.where(torch.tensor(trained[1:]), row[1:], IGNORE)
-    return {"input_ids": input_ids, "targets": targets, "tokens": sum(len(ids) for ids, _ in examples)}
-
-
-def pack(examples, seq_len):
-    """Blocks (lists of examples) of at most seq_len tokens, filled greedily in order."""
-    blocks, size = [], seq_len + 1
-    for ex in examples:
-        if size + len(ex[0]) > seq_len:
-            blocks.append([])
-            size = 0
-        blocks[-1].append(ex)
-        size += len(ex[0])
-    return blocks
-
-
-def collate_packed(blocks, pad_id):
-    """A batch of packed blocks: each block's rows concatenated, with per-row position ids and a
-    block-diagonal causal mask (B, 1, T, T), so no row attends to another. No target crosses a border:
-    a row's first token is never trained on (tokenize_row), so the previous row's last position already
-    has target IGNORE."""
-    batch = collate([(sum((ids for ids, _ in blk), []), sum((tr for _, tr in blk), [])) for blk in blocks], pad_id)
-    B, T = batch["input_ids"].shape
-    position_ids = torch.zeros(B, T, dtype=torch.long)  # (B, T)
-    document = torch.full((B, T), -1, dtype=torch.long)  # (B, T) which row of the block; -1 = padding
-    for b, block in enumerate(blocks):
-        t = 0
-        for d, (ids, _) in enumerate(block):
-            position_ids[b, t:t + len(ids)] = torch.arange(len(ids))
-            document[b, t:t + len(ids)] = d
-            t += len(ids)
-    causal = torch.ones(T, T, dtype=torch.bool).tril()  # (T, T)
-    same_row = document[:, :, None] == document[:, None, :]  # (B, T, T); padding attends to padding only
-    batch["attention_mask"] = (same_row & causal)[:, None]  # (B, 1, T, T) True = may attend
-    batch["position_ids"] = position_ids
-    return batch
-
-
-def make_batch(items, pad_id, packing):
-    return collate_packed(items, pad_id) if packing else collate(items, pad_id)
+def resolve_config(argv):
+    """TrainConfig from (lowest to highest priority) the dataclass, the demo's defaults when --model is
+    omitted, a resumed checkpoint's config, and the command line. Returns (cfg, demo)."""
+    given = vars(build_parser().parse_args(argv))
+    values = {name: f.default for name, f in FIELDS.items()}
+    demo = None
+    resume_from = find_checkpoint(given["resume"], given.get("output_dir")) if given.get("resume") else None
+    if resume_from is not None:  # continue with the run's own settings unless overridden now
+        saved = json.loads((resume_from / "trainer_state.json").read_text())["config"]
+        values.update({k: v for k, v in saved.items() if k in FIELDS})
+        values["output_dir"] = str(resume_from.parent)
+    elif given.get("model") is None:
+        import demo_task
+        model_dir, train_file, eval_rows = demo_task.prepare()
+        unknown = sorted(set(k.replace("-", "_") for k in demo_task.DEMO_TRAIN_DEFAULTS) - set(FIELDS))
+        if unknown:
+            raise ValueError(f"demo_task.DEMO_TRAIN_DEFAULTS has keys train.py doesn't know: {unknown}")
+        values.update({k.replace("-", "_"): v for k, v in demo_task.DEMO_TRAIN_DEFAULTS.items()})
+        values["model"] = str(model_dir)
+        if given.get("data") is None:
+            values["data"] = str(train_file)
+            demo = eval_rows
+    values.update(given)
+    if values["data"] is None:
+        values["data"] = DEFAULT_DATASET
+    cfg = TrainConfig(**values)
+    validate(cfg)
+    return cfg, demo
 
 
 # ---------------------------------------------------------------------------------------------------
-# Loss: cross-entropy over the supervised positions, through the output head in chunks.
+# Setup: everything that can fail on bad input runs before the output directory exists.
 
-class LMHeadCrossEntropy(torch.autograd.Function):
-    """sum_n CE(h_n @ W^T, y_n) for a frozen head W [V, C], chunk by chunk over the rows of h [N, C].
-
-    Each chunk's logits live only inside the loop: the forward pass also computes the gradient
-    dL/dh = (softmax - onehot) @ W (exact, since the head is frozen) and keeps that [N, C] tensor
-    instead of [N, V] logits. Logits and softmax are fp32; the matmuls run in W's dtype."""
-
-    @staticmethod
-    def forward(ctx, h, weight, targets, chunk_rows):
-        loss = torch.zeros((), dtype=torch.float32, device=h.device)
-        grad = torch.zeros(h.shape, dtype=torch.float32, device=h.device) if ctx.needs_input_grad[0] else None
-        for start in range(0, h.shape[0], chunk_rows):
-            hc, yc = h[start:start + chunk_rows], targets[start:start + chunk_rows]
-            logits = F.linear(hc.to(weight.dtype), weight).float()  # (n, V) fp32 island
-            lse = logits.logsumexp(dim=-1)  # (n,)
-            loss += (lse - logits.gather(1, yc[:, None]).squeeze(1)).sum()
-            if grad is not None:
-                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
-                probs[torch.arange(len(yc), device=h.device), yc] -= 1.0
-                grad[start:start + chunk_rows] = F.linear(probs.to(weight.dtype), weight.t()).float()  # (n, C)
-        ctx.save_for_backward(grad)
-        ctx.h_dtype = h.dtype
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        (grad,) = ctx.saved_tensors
-        return (grad * grad_loss).to(ctx.h_dtype), None, None, None
+def setup(cfg):
+    """Threads, device and dtype resolved into cfg; returns (checkpoint directory, tokenizer)."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    cfg.device = resolve_device(cfg.device)
+    cfg.dtype = resolve_dtype(cfg.dtype, cfg.device)
+    model_dir = llama.resolve_checkpoint(cfg.model, revision=cfg.revision)
+    llama.checkpoint_files(model_dir)  # a directory without weights fails here, not after the data is read
+    if Path(cfg.model).expanduser().is_dir():
+        cfg.model = str(Path(cfg.model).expanduser().resolve())  # adapter_config's base path must outlive cwd
+    tokenizer = Tokenizer.from_dir(model_dir)
+    if not tokenizer.eos_ids:
+        raise ValueError(f"{model_dir}: the tokenizer defines no EOS token, so the model could not learn to stop")
+    return model_dir, tokenizer
 
 
-def loss_chunk_rows(vocab_size):
-    """Rows per loss chunk: ~32 MB of fp32 logits (170 rows at vocab 49152, 262 at 32000) is still a
-    large, efficient matmul, and keeps the loss's transient memory well under the model's."""
-    return max(64, (1 << 23) // vocab_size)
+def prepare_data(cfg, tokenizer):
+    """(train examples, eval examples, a summary to print): rows read, tokenized with their masks, a
+    held-out fraction split off, and packed into --seq-len blocks with --packing."""
+    examples, counts = tokenize_rows(read_rows(cfg.data, cfg.data_split), tokenizer, cfg.seq_len)
+    if not examples:
+        raise ValueError(f"--data {cfg.data}: none of the {counts['rows']} rows has a token to train on "
+                         f"within --seq-len {cfg.seq_len}")
+    examples, eval_examples = split_eval(examples, cfg.eval_fraction, cfg.seed)
+    if not examples:
+        raise ValueError(f"--eval-fraction {cfg.eval_fraction} leaves no training rows")
+    shown, n_rows = examples[0], len(examples)
+    if cfg.packing:  # from here on an "example" is a block of rows that fills at most seq_len tokens
+        examples, eval_examples = pack(examples, cfg.seq_len), pack(eval_examples, cfg.seq_len)
+    summary = (f"data: {counts['rows']} rows -> {n_rows} train / {len(eval_examples)} eval"
+               + (f" (packed into {len(examples)} train blocks)" if cfg.packing else "") + "; "
+               f"{counts['truncated']} truncated to {cfg.seq_len} tokens, {counts['without_targets']} dropped "
+               f"(nothing to train on)\nexample (text in [[...]] is context only, not trained on):\n"
+               + show_example(*shown, tokenizer))
+    return examples, eval_examples, summary
 
-
-def _chunk_ce(head, h, targets):
-    return F.cross_entropy(head(h).float(), targets, reduction="sum")
-
-
-def lm_loss_sum(model, batch):
-    """Summed cross-entropy over the batch's supervised positions (fp32 scalar) and their count."""
-    device = model.lm_head.weight.device if hasattr(model.lm_head, "weight") else next(model.parameters()).device
-    targets = batch["targets"].to(device)
-    kwargs = {}
-    if "position_ids" in batch:
-        kwargs = {"attention_mask": batch["attention_mask"].to(device),
-                  "position_ids": batch["position_ids"].to(device)}
-    # Padding is on the right and attention is causal, so real tokens never see a pad: no attention
-    # mask is needed, which keeps the fast causal attention path.
-    hidden = model.hidden_states(batch["input_ids"].to(device), **kwargs)  # (B, T, C)
-    selected = targets != IGNORE  # (B, T)
-    h, y = hidden[selected], targets[selected]  # (N, C), (N,)
-    head = model.lm_head
-    chunk_rows = loss_chunk_rows(model.config.vocab_size)
-    if type(head) is nn.Linear and head.bias is None and not head.weight.requires_grad:
-        loss = LMHeadCrossEntropy.apply(h, head.weight, y, chunk_rows)
-    else:  # a trained head (LoRA on lm_head): recompute each chunk's logits in backward instead
-        loss = sum((checkpoint(_chunk_ce, head, h[s:s + chunk_rows], y[s:s + chunk_rows], use_reentrant=False)
-                    for s in range(0, len(y), chunk_rows)), torch.zeros((), device=device))
-    return loss, len(y)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Device, dtype, schedule, optimizer.
 
 def resolve_device(name):
     if name == "cuda" and not torch.cuda.is_available():
@@ -563,27 +328,16 @@ def memory_estimate(config, cfg, dtype):
             f"{loss / 2**20:.0f} MiB = ~{total / 2**30:.2f} GiB (+ framework overhead)")
 
 
-def show_example(ids, trained, tokenizer):
-    """Decode a row with its untrained part in [[double brackets]]."""
-    out, start = [], 0
-    for t in range(1, len(ids) + 1):
-        if t == len(ids) or trained[t] != trained[start]:
-            piece = tokenizer.decode(ids[start:t])
-            out.append(piece if trained[start] else f"[[{piece}]]")
-            start = t
-    return "".join(out)
-
-
 # ---------------------------------------------------------------------------------------------------
-# Checkpoints: written into a temp dir and renamed, so a checkpoint-<step>/ dir is always complete.
+# Checkpoints: written into a temp dir and swapped in, so a checkpoint-<step>/ dir is always complete.
 
 def save_checkpoint(out_dir, step, model, optimizer, scaler, state, base_name, keep):
     final, tmp = out_dir / f"checkpoint-{step}", out_dir / f".checkpoint-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     try:  # everything goes into a hidden temp dir first: a full disk or a crash never leaves half a checkpoint
         lora.save_adapter(model, tmp, base_name)
-        torch.save({"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None},
-                   tmp / "optimizer.pt")
+        torch.save({"optimizer": optimizer.state_dict(),
+                    "scaler": scaler.state_dict() if scaler.is_enabled() else None}, tmp / "optimizer.pt")
         rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
         torch.save(rng, tmp / "rng_state.pt")
@@ -591,17 +345,43 @@ def save_checkpoint(out_dir, step, model, optimizer, scaler, state, base_name, k
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if final.exists():  # the same step saved again (a resumed run): swap, so one copy always exists
-        old = out_dir / f".checkpoint-{step}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, final)
+    lora.replace_dir(tmp, final)  # the same step saved again (a resumed run) is swapped, never lost
     if keep:
         for old in sorted(out_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[:-keep]:
             shutil.rmtree(old)
+
+
+def restore_checkpoint(resume_from, model, optimizer, scaler, device, steps_per_epoch):
+    """The run's position {step, epoch, batch, tokens, elapsed_s}: zeros for a fresh run, else restored
+    with everything the checkpoint holds (adapter, optimizer and loss-scaler state, RNG states)."""
+    state = {"step": 0, "epoch": 0, "batch": 0, "tokens": 0, "elapsed_s": 0.0}
+    if resume_from is None:
+        return state
+    lora.load_adapter(model, resume_from)
+    saved = torch.load(resume_from / "optimizer.pt", map_location=device, weights_only=True)
+    optimizer.load_state_dict(saved["optimizer"])
+    if saved["scaler"]:  # an fp16 run's loss scale (a no-op on a disabled scaler)
+        scaler.load_state_dict(saved["scaler"])
+    state.update({k: v for k, v in json.loads((resume_from / "trainer_state.json").read_text()).items()
+                  if k in state})
+    rng = torch.load(resume_from / "rng_state.pt", weights_only=True)
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    if state["batch"] >= steps_per_epoch:
+        raise ValueError(f"{resume_from} stopped at batch {state['batch']} of epoch {state['epoch']}, but this data "
+                         f"with these batch settings has {steps_per_epoch} steps per epoch: resume with the run's settings")
+    print(f"resumed from {resume_from} at step {state['step']}")
+    return state
+
+
+def trim_metrics(metrics_path, step):
+    """Forget the logged steps after `step`: those of the run we resume (it died after its checkpoint),
+    or of an older run in the same directory."""
+    if metrics_path.exists():
+        kept = [l for l in metrics_path.read_text().splitlines() if json.loads(l)["step"] <= step]
+        lora.atomic_write(metrics_path, lambda tmp: Path(tmp).write_text("".join(l + "\n" for l in kept)))
 
 
 def find_checkpoint(resume, output_dir):
@@ -641,21 +421,38 @@ def plot_losses(out_dir):
 
 
 # ---------------------------------------------------------------------------------------------------
-# The run.
+# One optimizer step, and the loop.
 
-def batch_order(n_rows, batch_size, grad_accum, seed, epoch):
-    """Optimizer steps of one epoch as lists of micro-batches of row indices; a pure function of its
-    arguments, so a resumed run regenerates the same order."""
-    order = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-    micro = [order[i:i + batch_size] for i in range(0, n_rows, batch_size)]
-    return [micro[i:i + grad_accum] for i in range(0, len(micro), grad_accum)]
+def train_step(model, micro, scaler, step):
+    """Forward and backward over one optimizer step's micro-batches; returns the step's loss (its mean
+    over the step's supervised tokens). Each micro-batch's summed loss is divided by the token count of
+    the whole step, so the accumulated gradient is that of one big batch (module docstring)."""
+    n_targets = sum(int((b["targets"] != IGNORE).sum()) for b in micro)
+    loss_sum = 0.0
+    for batch in micro:
+        loss, _ = lm_loss_sum(model, batch)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"the loss became {loss.item()} at step {step + 1}; stopping "
+                                     "(try a lower --lr, --dtype bfloat16/float32, or check the data)")
+        loss = loss / n_targets
+        scaler.scale(loss).backward()  # scaled only for fp16 (a disabled GradScaler returns loss itself)
+        loss_sum += loss.item()
+    return loss_sum
 
 
-def split_eval(examples, fraction, seed):
-    """(train, eval) examples: a seeded random `fraction` held out, both kept in file order."""
-    n_eval = int(len(examples) * fraction)
-    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
-    return [examples[i] for i in sorted(order[n_eval:])], [examples[i] for i in sorted(order[:n_eval])]
+def optimizer_step(optimizer, scaler, lr, max_grad_norm, step):
+    """Clip the accumulated gradients to max_grad_norm, step the optimizer at `lr`, zero the gradients."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    scaler.unscale_(optimizer)  # fp16: clip the true gradients, not the scaled ones
+    if max_grad_norm > 0:
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        if not scaler.is_enabled() and not torch.isfinite(grad_norm):
+            raise FloatingPointError(f"the gradient norm became {grad_norm.item()} at step {step + 1}")
+    scaler.step(optimizer)  # fp16: skips the step if the gradients overflowed; else optimizer.step()
+    scaler.update()  # fp16: adjust the loss scale
+    optimizer.zero_grad(set_to_none=True)
 
 
 @torch.no_grad()
@@ -669,64 +466,59 @@ def eval_loss(model, examples, cfg, pad_id):
     return total / count
 
 
-def resolve_config(argv):
-    """TrainConfig from (lowest to highest priority) the dataclass, the demo's defaults when --model is
-    omitted, a resumed checkpoint's config, and the command line. Returns (cfg, demo)."""
-    given = vars(build_parser().parse_args(argv))
-    values = {name: f.default for name, f in FIELDS.items()}
-    demo = None
-    resume_from = find_checkpoint(given["resume"], given.get("output_dir")) if given.get("resume") else None
-    if resume_from is not None:  # continue with the run's own settings unless overridden now
-        saved = json.loads((resume_from / "trainer_state.json").read_text())["config"]
-        values.update({k: v for k, v in saved.items() if k in FIELDS})
-        values["output_dir"] = str(resume_from.parent)
-    elif given.get("model") is None:
-        import demo_task
-        model_dir, train_file, eval_rows = demo_task.prepare()
-        unknown = sorted(set(k.replace("-", "_") for k in demo_task.DEMO_TRAIN_DEFAULTS) - set(FIELDS))
-        if unknown:
-            raise ValueError(f"demo_task.DEMO_TRAIN_DEFAULTS has keys train.py doesn't know: {unknown}")
-        values.update({k.replace("-", "_"): v for k, v in demo_task.DEMO_TRAIN_DEFAULTS.items()})
-        values["model"] = str(model_dir)
-        if given.get("data") is None:
-            values["data"] = str(train_file)
-            demo = eval_rows
-    values.update(given)
-    if values["data"] is None:
-        values["data"] = DEFAULT_DATASET
-    cfg = TrainConfig(**values)
-    validate(cfg)
-    return cfg, demo
+def train(cfg, model, optimizer, scaler, state, examples, eval_examples, pad_id, total_steps):
+    """From the position in `state` to total_steps optimizer steps: log, evaluate and checkpoint."""
+    out_dir = Path(cfg.output_dir)
+    metrics_path = out_dir / "metrics.jsonl"
+    warmup_steps = math.ceil(cfg.warmup_ratio * total_steps)
+    order = batch_order(len(examples), cfg.batch_size, cfg.grad_accum, cfg.seed, state["epoch"])
+    bar = tqdm(total=total_steps, initial=state["step"], desc="train", dynamic_ncols=True)
+    model.train()
+    started = time.perf_counter() - state["elapsed_s"]
+    while state["step"] < total_steps:
+        t0 = time.perf_counter()
+        # this step's micro-batches (the row order is a pure function of seed and epoch)
+        micro = [make_batch([examples[i] for i in rows], pad_id, cfg.packing) for rows in order[state["batch"]]]
+        # forward and backward over all of them, then one optimizer step at this step's lr
+        loss = train_step(model, micro, scaler, state["step"])
+        lr = cfg.lr * lr_factor(state["step"], total_steps, warmup_steps, cfg.lr_scheduler)
+        optimizer_step(optimizer, scaler, lr, cfg.max_grad_norm, state["step"])
+        # advance the position in the data; a new epoch reshuffles
+        state["step"] += 1
+        state["batch"] += 1
+        if state["batch"] == len(order):
+            state["epoch"], state["batch"] = state["epoch"] + 1, 0
+            order = batch_order(len(examples), cfg.batch_size, cfg.grad_accum, cfg.seed, state["epoch"])
+        tokens = sum(b["tokens"] for b in micro)
+        state["tokens"] += tokens
+        state["elapsed_s"] = time.perf_counter() - started
+        # log (and evaluate on the held-out rows every --eval-every steps and at the end)
+        record = {"step": state["step"], "loss": loss, "lr": lr, "tokens": state["tokens"],
+                  "elapsed_s": round(state["elapsed_s"], 3)}
+        if eval_examples and ((cfg.eval_every and state["step"] % cfg.eval_every == 0)
+                              or state["step"] == total_steps):
+            record["eval_loss"] = eval_loss(model, eval_examples, cfg, pad_id)
+        if state["step"] % cfg.log_every == 0 or "eval_loss" in record or state["step"] == total_steps:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / (time.perf_counter() - t0):.0f}",
+                        mem=f"{peak_memory_gb(cfg.device):.2f}G", refresh=False)
+        bar.update(1)
+        # checkpoint every --save-every steps and at the end
+        if state["step"] == total_steps or (cfg.save_every and state["step"] % cfg.save_every == 0):
+            save_checkpoint(out_dir, state["step"], model, optimizer, scaler,
+                            {**state, "total_steps": total_steps, "warmup_steps": warmup_steps,
+                             "lr_scheduler": cfg.lr_scheduler, "config": dataclasses.asdict(cfg)},
+                            cfg.model, cfg.save_total_limit)
+    bar.close()
 
 
 def main(argv=None):
     cfg, demo_rows = resolve_config(argv)
-    # --- everything that can fail on bad input happens before the output directory exists
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    cfg.device = resolve_device(cfg.device)
-    cfg.dtype = resolve_dtype(cfg.dtype, cfg.device)
-    dtype = DTYPES[cfg.dtype]
-    model_dir = llama.resolve_checkpoint(cfg.model, revision=cfg.revision)
-    llama.checkpoint_files(model_dir)  # a directory without weights fails here, not after the data is read
-    if Path(cfg.model).expanduser().is_dir():
-        cfg.model = str(Path(cfg.model).expanduser().resolve())  # adapter_config's base path must outlive cwd
-    tokenizer = Tokenizer.from_dir(model_dir)
-    if not tokenizer.eos_ids:
-        raise ValueError(f"{model_dir}: the tokenizer defines no EOS token, so the model could not learn to stop")
-    examples, counts = tokenize_rows(read_rows(cfg.data, cfg.data_split), tokenizer, cfg.seq_len)
-    if not examples:
-        raise ValueError(f"--data {cfg.data}: none of the {counts['rows']} rows has a token to train on "
-                         f"within --seq-len {cfg.seq_len}")
-    examples, eval_examples = split_eval(examples, cfg.eval_fraction, cfg.seed)
-    if not examples:
-        raise ValueError(f"--eval-fraction {cfg.eval_fraction} leaves no training rows")
-    shown, n_rows = examples[0], len(examples)
-    if cfg.packing:  # from here on an "example" is a block of rows that fills at most seq_len tokens
-        examples, eval_examples = pack(examples, cfg.seq_len), pack(eval_examples, cfg.seq_len)
+    model_dir, tokenizer = setup(cfg)
+    examples, eval_examples, summary = prepare_data(cfg, tokenizer)
     steps_per_epoch = len(batch_order(len(examples), cfg.batch_size, cfg.grad_accum, 0, 0))
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
-    warmup_steps = math.ceil(cfg.warmup_ratio * total_steps)
     out_dir = Path(cfg.output_dir or time.strftime("runs/%Y%m%d-%H%M%S"))
     cfg.output_dir = str(out_dir)
     resume_from = find_checkpoint(cfg.resume, out_dir) if cfg.resume else None
@@ -736,133 +528,30 @@ def main(argv=None):
     config_json = json.dumps(dataclasses.asdict(cfg), indent=2)
     lora.atomic_write(out_dir / "train_config.json", lambda tmp: Path(tmp).write_text(config_json))
     print("config:", config_json)
-    print(f"data: {counts['rows']} rows -> {n_rows} train / {len(eval_examples)} eval"
-          + (f" (packed into {len(examples)} train blocks)" if cfg.packing else "") + "; "
-          f"{counts['truncated']} truncated to {cfg.seq_len} tokens, {counts['without_targets']} dropped "
-          f"(nothing to train on); {total_steps} steps of {cfg.batch_size} x {cfg.grad_accum} rows")
+    print(summary)
+    print(f"{total_steps} steps of {cfg.batch_size} x {cfg.grad_accum} rows")
     print(memory_estimate(llama.LlamaConfig.from_file(Path(model_dir) / "config.json"), cfg, cfg.dtype))
-    print("example (text in [[...]] is context only, not trained on):\n" + show_example(*shown, tokenizer))
 
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    model = load_model(cfg, model_dir, cfg.device, dtype)
-    base_name = cfg.model
+    model = load_model(cfg, model_dir, cfg.device, DTYPES[cfg.dtype])
     if demo_rows is not None:
         import demo_task
-        model.eval()
-        before, _ = demo_task.evaluate(model, tokenizer, demo_rows)  # B = 0: exactly the 4-bit base model
-        print(f"held-out exact match before training: {before:.1f}%")
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, cfg)
-    scaler = torch.amp.GradScaler(cfg.device) if dtype == torch.float16 else None  # fp16 needs loss scaling
+        before = demo_task.report(model, tokenizer, demo_rows)  # B = 0: exactly the 4-bit base model
+    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
+    # fp16 needs loss scaling (its range ends at 65504); with bf16 or fp32 the scaler is a no-op
+    scaler = torch.amp.GradScaler(cfg.device, enabled=cfg.dtype == "float16")
+    state = restore_checkpoint(resume_from, model, optimizer, scaler, cfg.device, steps_per_epoch)
+    trim_metrics(out_dir / "metrics.jsonl", state["step"])
 
-    state = {"step": 0, "epoch": 0, "batch": 0, "tokens": 0, "elapsed_s": 0.0}
-    if resume_from is not None:
-        lora.load_adapter(model, resume_from)
-        saved = torch.load(resume_from / "optimizer.pt", map_location=cfg.device, weights_only=True)
-        optimizer.load_state_dict(saved["optimizer"])
-        if scaler is not None and saved["scaler"]:
-            scaler.load_state_dict(saved["scaler"])
-        state.update({k: v for k, v in json.loads((resume_from / "trainer_state.json").read_text()).items()
-                      if k in state})
-        rng = torch.load(resume_from / "rng_state.pt", weights_only=True)
-        torch.set_rng_state(rng["torch"])
-        random.setstate(rng["python"])
-        if rng["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        print(f"resumed from {resume_from} at step {state['step']}")
-    metrics_path = out_dir / "metrics.jsonl"
-    if metrics_path.exists():  # forget steps after the checkpoint we resume from (or an older run's)
-        kept = [l for l in metrics_path.read_text().splitlines() if json.loads(l)["step"] <= state["step"]]
-        lora.atomic_write(metrics_path, lambda tmp: Path(tmp).write_text("".join(l + "\n" for l in kept)))
+    train(cfg, model, optimizer, scaler, state, examples, eval_examples, pad_id, total_steps)
 
-    bar = tqdm(total=total_steps, initial=state["step"], desc="train", dynamic_ncols=True)
-    model.train()
-    started = time.perf_counter() - state["elapsed_s"]
-    order = batch_order(len(examples), cfg.batch_size, cfg.grad_accum, cfg.seed, state["epoch"])
-    if state["batch"] >= len(order):
-        raise ValueError(f"{resume_from} stopped at batch {state['batch']} of epoch {state['epoch']}, but this data "
-                         f"with these batch settings has {len(order)} steps per epoch: resume with the run's settings")
-    while state["step"] < total_steps:
-        t0 = time.perf_counter()
-        micro = [make_batch([examples[i] for i in rows], pad_id, cfg.packing)
-                 for rows in order[state["batch"]]]
-        n_targets = sum(int((b["targets"] != IGNORE).sum()) for b in micro)
-        loss_sum = 0.0
-        for batch in micro:
-            loss, _ = lm_loss_sum(model, batch)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"the loss became {loss.item()} at step {state['step'] + 1}; stopping "
-                                         "(try a lower --lr, --dtype bfloat16/float32, or check the data)")
-            loss = loss / n_targets  # the whole accumulated batch's token count: see the module docstring
-            (scaler.scale(loss) if scaler else loss).backward()
-            loss_sum += loss.item()
-        lr = cfg.lr * lr_factor(state["step"], total_steps, warmup_steps, cfg.lr_scheduler)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        if scaler is not None:
-            scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-        if cfg.max_grad_norm > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            if scaler is None and not torch.isfinite(grad_norm):
-                raise FloatingPointError(f"the gradient norm became {grad_norm.item()} at step {state['step'] + 1}")
-        if scaler is not None:
-            scaler.step(optimizer)  # skips the step if the gradients overflowed, then lowers the scale
-            scaler.update()
-        else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-        state["step"] += 1
-        state["batch"] += 1
-        if state["batch"] == len(order):
-            state["epoch"], state["batch"] = state["epoch"] + 1, 0
-            order = batch_order(len(examples), cfg.batch_size, cfg.grad_accum, cfg.seed, state["epoch"])
-        tokens = sum(b["tokens"] for b in micro)
-        state["tokens"] += tokens
-        state["elapsed_s"] = time.perf_counter() - started
-        record = {"step": state["step"], "loss": loss_sum, "lr": lr, "tokens": state["tokens"],
-                  "elapsed_s": round(state["elapsed_s"], 3)}
-        if eval_examples and ((cfg.eval_every and state["step"] % cfg.eval_every == 0)
-                              or state["step"] == total_steps):
-            record["eval_loss"] = eval_loss(model, eval_examples, cfg, pad_id)
-        if state["step"] % cfg.log_every == 0 or "eval_loss" in record or state["step"] == total_steps:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-        bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / (time.perf_counter() - t0):.0f}",
-                        mem=f"{peak_memory_gb(cfg.device):.2f}G", refresh=False)
-        bar.update(1)
-        if state["step"] == total_steps or (cfg.save_every and state["step"] % cfg.save_every == 0):
-            save_checkpoint(out_dir, state["step"], model, optimizer, scaler,
-                            {**state, "total_steps": total_steps, "warmup_steps": warmup_steps,
-                             "lr_scheduler": cfg.lr_scheduler, "config": dataclasses.asdict(cfg)},
-                            base_name, cfg.save_total_limit)
-    bar.close()
-
-    lora.save_adapter(model, out_dir, base_name)  # the final adapter at the top of the run directory
-    plot = plot_losses(out_dir) if metrics_path.exists() else None
+    lora.save_adapter(model, out_dir, cfg.model)  # the final adapter at the top of the run directory
+    plot = plot_losses(out_dir) if (out_dir / "metrics.jsonl").exists() else None
     print(f"saved the adapter to {out_dir}/" + (f" and the loss curve to {plot}" if plot else ""))
     if demo_rows is not None:
-        import demo_task
-        model.eval()
-        after, outputs = demo_task.evaluate(model, tokenizer, demo_rows)
-        print(f"held-out exact match: before {before:.1f}% -> after {after:.1f}%")
-        for row, output in list(zip(demo_rows, outputs))[:2]:
-            print(f"--- sample\nprompt:   {_prompt_of(row)}\nexpected: {_answer_of(row)}\nmodel:    {output}")
-        print("next: python merge.py   (merges this run)   or   python generate.py   (chats with it)")
+        demo_task.report(model, tokenizer, demo_rows, before)
     return out_dir
-
-
-def _prompt_of(row):
-    if "messages" in row:
-        return next(m["content"] for m in reversed(row["messages"]) if m["role"] == "user")
-    return row.get("prompt", row.get("instruction", ""))
-
-
-def _answer_of(row):
-    if "messages" in row:
-        return row["messages"][-1]["content"] if row["messages"][-1]["role"] == "assistant" else ""
-    return row.get("completion", row.get("output", ""))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,6 @@ import math
 import shutil
 import subprocess
 import sys
-import types
 
 import pytest
 import torch
@@ -15,10 +14,12 @@ from safetensors.torch import load_file
 
 from conftest import HF, ROOT
 
+import data
 import llama
-from tokenizer import Tokenizer
+import lm_loss
 import lora
 import train
+from tokenizer import Tokenizer
 
 GQA = HF / "gqa"
 pytestmark = pytest.mark.filterwarnings("ignore:training on the CPU")
@@ -62,28 +63,28 @@ def split_by_mask(ids, trained, tok):
 
 
 def test_prompt_completion_mask(tok):
-    ids, trained = train.tokenize_row({"prompt": "Say hi:", "completion": " hi there"}, "x:1", tok)
+    ids, trained = data.tokenize_row({"prompt": "Say hi:", "completion": " hi there"}, "x:1", tok)
     prompt, completion = tok.encode("Say hi:"), tok.encode(" hi there")
     assert ids == [tok.bos_id] + prompt + completion + [tok.eos_ids[0]]  # the fixture tokenizer adds BOS
     assert trained == [False] * (1 + len(prompt)) + [True] * (len(completion) + 1)  # EOS is trained on
 
 
 def test_text_mask_trains_on_everything_but_the_first_token(tok):
-    ids, trained = train.tokenize_row({"text": "hello world"}, "x:1", tok)
+    ids, trained = data.tokenize_row({"text": "hello world"}, "x:1", tok)
     assert ids == [tok.bos_id] + tok.encode("hello world") + [tok.eos_ids[0]]
     assert trained == [False] + [True] * (len(ids) - 1)
     # a text that already ends with EOS (guanaco's "... </s>") gets no second one, nor a second BOS
-    ids2, _ = train.tokenize_row({"text": "<|begin_of_text|>hello world<|end_of_text|>"}, "x:1", tok)
+    ids2, _ = data.tokenize_row({"text": "<|begin_of_text|>hello world<|end_of_text|>"}, "x:1", tok)
     assert ids2 == ids
 
 
 def test_instruction_mask_uses_the_alpaca_prompt(tok):
     row = {"instruction": "Add the numbers.", "input": "2 3", "output": "5"}
-    ids, trained = train.tokenize_row(row, "x:1", tok)
+    ids, trained = data.tokenize_row(row, "x:1", tok)
     untrained, trained_text = split_by_mask(ids, trained, tok)
-    assert untrained == "<|begin_of_text|>" + train.ALPACA_PROMPT.format(instruction="Add the numbers.", input="2 3")
+    assert untrained == "<|begin_of_text|>" + data.ALPACA_PROMPT.format(instruction="Add the numbers.", input="2 3")
     assert trained_text == "5<|end_of_text|>"
-    ids, trained = train.tokenize_row({"instruction": "Say 5.", "output": "5"}, "x:1", tok)
+    ids, trained = data.tokenize_row({"instruction": "Say 5.", "output": "5"}, "x:1", tok)
     assert split_by_mask(ids, trained, tok)[0].endswith("### Instruction:\nSay 5.\n\n### Response: ")
 
 
@@ -92,7 +93,7 @@ def test_messages_mask_trains_on_assistant_turns_only(tok):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
                 {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Bye"},
                 {"role": "assistant", "content": "Goodbye"}]
-    ids, trained = train.tokenize_row({"messages": messages}, "x:1", tok)
+    ids, trained = data.tokenize_row({"messages": messages}, "x:1", tok)
     eos = "<|end_of_text|>"
     assert tok.decode(ids) == tok.apply_chat_template(messages)  # nothing added or lost
     runs, start = [], 0  # maximal runs of equal mask, decoded
@@ -111,9 +112,9 @@ def test_messages_mask_trains_on_assistant_turns_only(tok):
 
 def test_collate_shifts_targets_and_pads(tok):
     examples = [([5, 6, 7, 8], [False, False, True, True]), ([9, 10], [False, True])]
-    batch = train.collate(examples, pad_id=2)
+    batch = data.collate(examples, pad_id=2)
     assert torch.equal(batch["input_ids"], torch.tensor([[5, 6, 7, 8], [9, 10, 2, 2]]))
-    I = train.IGNORE
+    I = data.IGNORE
     assert torch.equal(batch["targets"], torch.tensor([[I, 7, 8, I], [10, I, I, I]]))
     assert batch["tokens"] == 6
 
@@ -121,9 +122,9 @@ def test_collate_shifts_targets_and_pads(tok):
 def test_truncation_is_counted_and_rows_without_targets_dropped(tok):
     rows = [({"prompt": "a " * 50, "completion": "b"}, "f:1"), ({"prompt": "x", "completion": "y " * 50}, "f:2"),
             ({"prompt": "x", "completion": "y"}, "f:3")]
-    examples, counts = train.tokenize_rows(rows, tok, seq_len=20)
+    examples, counts = data.tokenize_rows(rows, tok, seq_len=20)
     assert counts == {"rows": 3, "truncated": 2, "without_targets": 1}
-    assert [len(ids) for ids, _ in examples] == [20, len(train.tokenize_row(rows[2][0], "", tok)[0])]
+    assert [len(ids) for ids, _ in examples] == [20, len(data.tokenize_row(rows[2][0], "", tok)[0])]
 
 
 def test_file_formats_and_hub_style_splits(tmp_path):
@@ -137,23 +138,23 @@ def test_file_formats_and_hub_style_splits(tmp_path):
     pq.write_table(pa.table({"prompt": ["a", None], "completion": ["b", None], "text": [None, "c"]}),
                    hub / "train-00000-of-00001.parquet")
     pq.write_table(pa.Table.from_pylist(rows[:1]), hub / "test-00000-of-00001.parquet")
-    assert train.read_rows(str(tmp_path / "rows.json")) == [(rows[0], f"{tmp_path / 'rows.json'}: row 0"),
+    assert data.read_rows(str(tmp_path / "rows.json")) == [(rows[0], f"{tmp_path / 'rows.json'}: row 0"),
                                                           (rows[1], f"{tmp_path / 'rows.json'}: row 1")]
     txt = tmp_path / "rows.txt"
-    assert train.read_rows(str(txt)) == [({"text": "first paragraph\nstill first"}, f"{txt}:1"),
+    assert data.read_rows(str(txt)) == [({"text": "first paragraph\nstill first"}, f"{txt}:1"),
                                          ({"text": "second"}, f"{txt}:5")]
     # parquet has one schema for all rows: the text row comes back with prompt/completion null
-    assert [r for r, _ in train.read_rows(str(tmp_path / "hub"))] == [  # the "train" split by default
+    assert [r for r, _ in data.read_rows(str(tmp_path / "hub"))] == [  # the "train" split by default
         {"prompt": "a", "completion": "b", "text": None}, {"prompt": None, "completion": None, "text": "c"}]
-    assert [r for r, _ in train.read_rows(str(tmp_path / "hub"), "test")] == rows[:1]
+    assert [r for r, _ in data.read_rows(str(tmp_path / "hub"), "test")] == rows[:1]
     tok = Tokenizer.from_dir(GQA)
-    assert train.tokenize_row({"prompt": None, "completion": None, "text": "c"}, "", tok) == \
-        train.tokenize_row({"text": "c"}, "", tok)
+    assert data.tokenize_row({"prompt": None, "completion": None, "text": "c"}, "", tok) == \
+        data.tokenize_row({"text": "c"}, "", tok)
     with pytest.raises(FileNotFoundError, match="no data files for split 'validation'"):
-        train.read_rows(str(tmp_path / "hub"), "validation")
+        data.read_rows(str(tmp_path / "hub"), "validation")
     (tmp_path / "bad.json").write_text('[{"text": "a"},\n {"text": }]')
     with pytest.raises(ValueError, match=r"bad.json:2: malformed JSON"):
-        train.read_rows(str(tmp_path / "bad.json"))
+        data.read_rows(str(tmp_path / "bad.json"))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -166,7 +167,7 @@ def test_chunked_cross_entropy_matches_full_logits(dtype):
     h = torch.randn(N, C, dtype=dtype, requires_grad=True)
     w = torch.randn(V, C, dtype=dtype)
     y = torch.randint(0, V, (N,))
-    loss = train.LMHeadCrossEntropy.apply(h, w, y, 8)  # 5 chunks, the last one partial
+    loss = lm_loss.LMHeadCrossEntropy.apply(h, w, y, 8)  # 5 chunks, the last one partial
     (loss / N).backward()
     h_ref = h.detach().clone().requires_grad_()
     ref = F.cross_entropy(F.linear(h_ref, w).float(), y, reduction="sum")
@@ -184,11 +185,11 @@ def test_trained_head_falls_back_to_checkpointed_chunks(tok):
         if p.requires_grad:
             torch.nn.init.normal_(p, std=0.1)
     rows = [{"prompt": "one two", "completion": " three four"}, {"text": "five six seven"}]
-    batch = train.collate([train.tokenize_row(r, "", tok) for r in rows], tok.pad_id)
+    batch = data.collate([data.tokenize_row(r, "", tok) for r in rows], tok.pad_id)
 
     def loss_and_grads():
         model.zero_grad()
-        loss, n = train.lm_loss_sum(model, batch)
+        loss, n = lm_loss.lm_loss_sum(model, batch)
         (loss / n).backward()
         return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
 
@@ -205,12 +206,12 @@ def test_packing_has_no_attention_across_rows(tok):
     model = llama.from_pretrained(GQA, quant=None, dtype=torch.float32)
     rows = [{"prompt": "one two", "completion": " three"}, {"text": "four five six seven"},
             {"prompt": "eight", "completion": " nine ten"}]
-    examples = [train.tokenize_row(r, "", tok) for r in rows]
-    blocks = train.pack(examples * 2, seq_len=sum(len(ids) for ids, _ in examples) + 1)
+    examples = [data.tokenize_row(r, "", tok) for r in rows]
+    blocks = data.pack(examples * 2, seq_len=sum(len(ids) for ids, _ in examples) + 1)
     assert [len(b) for b in blocks] == [3, 3]
-    packed = train.collate_packed(blocks[:1], tok.pad_id)
-    loss, n = train.lm_loss_sum(model, packed)
-    separate = [train.lm_loss_sum(model, train.collate([e], tok.pad_id)) for e in examples]
+    packed = data.collate_packed(blocks[:1], tok.pad_id)
+    loss, n = lm_loss.lm_loss_sum(model, packed)
+    separate = [lm_loss.lm_loss_sum(model, data.collate([e], tok.pad_id)) for e in examples]
     assert n == sum(k for _, k in separate)
     torch.testing.assert_close(loss, sum(l for l, _ in separate), rtol=1e-5, atol=1e-5)
 
@@ -230,9 +231,9 @@ def test_lr_schedules():
 # Whole runs (in-process)
 
 def test_loss_falls_and_adapter_loads_back(tmp_path, tok):
-    data = write_jsonl(tmp_path / "d.jsonl", memorize_rows())
+    data_file = write_jsonl(tmp_path / "d.jsonl", memorize_rows())
     out = tmp_path / "run"
-    train.main(["--model", str(GQA), "--data", str(data), "--output-dir", str(out), "--max-steps", "40",
+    train.main(["--model", str(GQA), "--data", str(data_file), "--output-dir", str(out), "--max-steps", "40",
                 "--lr", "1e-2", "--lora-r", "8", "--lora-dropout", "0", "--batch-size", "4", "--grad-accum", "1",
                 "--dtype", "float32", "--eval-fraction", "0.25", "--eval-every", "20"])  # default optimizer
     m = metrics(out)
@@ -252,17 +253,17 @@ def test_loss_falls_and_adapter_loads_back(tmp_path, tok):
                        model.model.layers[1].mlp.down_proj.lora_B.weight)
     assert all(v.abs().sum() > 0 for k, v in saved.items() if "lora_B" in k)  # B moved away from zero
     cfg = train.TrainConfig(**json.loads((out / "train_config.json").read_text()))
-    examples, _ = train.tokenize_rows(train.read_rows(str(data)), tok, cfg.seq_len)
-    _, held_out = train.split_eval(examples, cfg.eval_fraction, cfg.seed)
+    examples, _ = data.tokenize_rows(data.read_rows(str(data_file)), tok, cfg.seq_len)
+    _, held_out = data.split_eval(examples, cfg.eval_fraction, cfg.seed)
     assert len(held_out) == 2
     torch.testing.assert_close(train.eval_loss(model, held_out, cfg, tok.pad_id), m[-1]["eval_loss"],
                                rtol=1e-6, atol=1e-6)
 
 
 def test_resume_equals_uninterrupted_run(tmp_path):
-    data = write_jsonl(tmp_path / "d.jsonl", memorize_rows(12))
+    data_file = write_jsonl(tmp_path / "d.jsonl", memorize_rows(12))
     full, resumed = tmp_path / "full", tmp_path / "resumed"
-    args = ["--model", str(GQA), "--data", str(data), "--max-steps", "6", "--save-every", "2",
+    args = ["--model", str(GQA), "--data", str(data_file), "--max-steps", "6", "--save-every", "2",
             "--save-total-limit", "2", "--batch-size", "2", "--grad-accum", "2", "--lr", "5e-3",
             "--lr-scheduler", "cosine", "--warmup-ratio", "0.3", "--lora-r", "4", "--dtype", "bfloat16"]
     train.main(args + ["--output-dir", str(full)])  # dropout 0.1 and a 2-epoch data order: RNG and position
@@ -283,8 +284,8 @@ def test_resume_equals_uninterrupted_run(tmp_path):
 def test_accumulation_normalizes_by_all_supervised_tokens(tmp_path):
     # rows of very different lengths: averaging per micro-batch would weight them differently
     rows = [{"prompt": "p", "completion": " x" * (1 + 7 * (i % 2))} for i in range(8)]
-    data = write_jsonl(tmp_path / "d.jsonl", rows)
-    common = ["--model", str(GQA), "--data", str(data), "--max-steps", "2", "--lr", "1e-2",
+    data_file = write_jsonl(tmp_path / "d.jsonl", rows)
+    common = ["--model", str(GQA), "--data", str(data_file), "--max-steps", "2", "--lr", "1e-2",
               "--lora-dropout", "0", "--save-every", "0", *FAST]
     train.main(common + ["--output-dir", str(tmp_path / "a"), "--batch-size", "4", "--grad-accum", "1"])
     train.main(common + ["--output-dir", str(tmp_path / "b"), "--batch-size", "1", "--grad-accum", "4"])
@@ -318,24 +319,24 @@ def test_accumulation_normalizes_by_all_supervised_tokens(tmp_path):
 def test_packed_messages_run_and_nan_stop(tmp_path, tok):
     rows = [{"messages": [{"role": "user", "content": f"hi {i}"}, {"role": "assistant", "content": f"yo {i}"}]}
             for i in range(12)]
-    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    data_file = write_jsonl(tmp_path / "d.jsonl", rows)
     out = tmp_path / "packed"
-    lengths = [len(train.tokenize_row(r, "", tok)[0]) for r in rows]
+    lengths = [len(data.tokenize_row(r, "", tok)[0]) for r in rows]
     seq_len = 3 * max(lengths)  # 3 rows per block: 4 blocks, 2 steps of 2 blocks per epoch
-    train.main(["--model", str(GQA), "--data", str(data), "--output-dir", str(out), "--packing", "--seq-len",
+    train.main(["--model", str(GQA), "--data", str(data_file), "--output-dir", str(out), "--packing", "--seq-len",
                 str(seq_len), "--batch-size", "2", "--grad-accum", "1", "--epochs", "2", *FAST])
     m = metrics(out)
     assert [r["step"] for r in m] == [1, 2, 3, 4] and m[-1]["tokens"] == 2 * sum(lengths)
     with pytest.raises(FloatingPointError, match="loss became"):
-        train.main(["--model", str(GQA), "--data", str(data), "--output-dir", str(tmp_path / "o"), "--lr", "1e30",
+        train.main(["--model", str(GQA), "--data", str(data_file), "--output-dir", str(tmp_path / "o"), "--lr", "1e30",
                     "--max-steps", "4", "--max-grad-norm", "0", *FAST])
 
 
 @pytest.mark.cuda
 def test_gpu_run_learns_in_bf16_with_the_paged_optimizer(tmp_path):
-    data = write_jsonl(tmp_path / "d.jsonl", memorize_rows())
+    data_file = write_jsonl(tmp_path / "d.jsonl", memorize_rows())
     out = tmp_path / "run"
-    train.main(["--model", str(GQA), "--data", str(data), "--output-dir", str(out), "--max-steps", "40",
+    train.main(["--model", str(GQA), "--data", str(data_file), "--output-dir", str(out), "--max-steps", "40",
                 "--lr", "1e-2", "--lora-r", "8", "--lora-dropout", "0", "--batch-size", "4", "--grad-accum", "1",
                 "--device", "cuda"])  # dtype auto: bf16 (or fp16 with loss scaling), paged_adamw_32bit
     m = metrics(out)
@@ -352,10 +353,11 @@ def test_no_argument_run_uses_the_demo(tmp_path, monkeypatch, capsys):
         calls.append(model.training)
         return 50.0 * len(calls), [r["messages"][-1]["content"] for r in eval_rows]
 
-    demo = types.SimpleNamespace(
-        prepare=lambda: (GQA, write_jsonl(tmp_path / "demo.jsonl", rows), rows[:2]), evaluate=evaluate,
-        DEMO_TRAIN_DEFAULTS={"max_steps": 2, "batch_size": 2, "grad_accum": 1, "lora_r": 4, "dtype": "float32"})
-    monkeypatch.setitem(sys.modules, "demo_task", demo)
+    import demo_task  # its report() runs as in the real demo, around these stand-ins for the slow parts
+    monkeypatch.setattr(demo_task, "prepare", lambda: (GQA, write_jsonl(tmp_path / "demo.jsonl", rows), rows[:2]))
+    monkeypatch.setattr(demo_task, "evaluate", evaluate)
+    monkeypatch.setattr(demo_task, "DEMO_TRAIN_DEFAULTS",
+                        {"max_steps": 2, "batch_size": 2, "grad_accum": 1, "lora_r": 4, "dtype": "float32"})
     monkeypatch.chdir(tmp_path)
     out = train.main(["--lora-r", "2"])  # a flag typed by the user beats the demo's value
     assert out.parent.name == "runs" and (out / "adapter_config.json").is_file()
@@ -435,7 +437,8 @@ def test_full_disk_mid_checkpoint_leaves_the_previous_one_intact(tmp_path, monke
     cfg = train.TrainConfig(model=str(HF / "gqa"), lora_r=4)
     model = train.load_model(cfg, HF / "gqa", "cpu", torch.float32)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
-    train.save_checkpoint(tmp_path, 1, model, optimizer, None, {"step": 1}, "gqa", keep=3)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)  # as train.py builds it for fp32
+    train.save_checkpoint(tmp_path, 1, model, optimizer, scaler, {"step": 1}, "gqa", keep=3)
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
 
     def disk_full(*args, **kwargs):
@@ -443,6 +446,6 @@ def test_full_disk_mid_checkpoint_leaves_the_previous_one_intact(tmp_path, monke
     monkeypatch.setattr(train.torch, "save", disk_full)
     for step in (1, 2):  # re-saving the same step, and a new one
         with pytest.raises(OSError, match="No space"):
-            train.save_checkpoint(tmp_path, step, model, optimizer, None, {"step": step}, "gqa", keep=3)
+            train.save_checkpoint(tmp_path, step, model, optimizer, scaler, {"step": step}, "gqa", keep=3)
         assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
     assert json.loads((tmp_path / "checkpoint-1" / "trainer_state.json").read_text()) == {"step": 1}
