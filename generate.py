@@ -24,6 +24,7 @@ import sys
 
 import torch
 
+import hf_checkpoint
 import llama
 import lora
 from merge import DTYPES, QUANT_DEFAULTS, latest_run, train_config
@@ -144,7 +145,7 @@ def load(model_id, adapter, quant, dtype, device, run):
     if adapter is not None:
         lora.load_adapter(model, adapter)  # A and B land on the base layer's device
     model.eval()
-    tokenizer = Tokenizer.from_dir(llama.resolve_checkpoint(model_id))
+    tokenizer = Tokenizer.from_dir(hf_checkpoint.resolve_checkpoint(model_id))
     return model, tokenizer
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import hf_checkpoint
 import llama
 from conftest import HF
 
@@ -314,7 +315,7 @@ def test_load_errors(tmp_path, monkeypatch):
 
     # no network in tests: conftest sets HF_HUB_OFFLINE=1, and this repo is in no cache
     with pytest.raises(ConnectionError, match="not in the local Hugging Face cache and HF_HUB_OFFLINE is set"):
-        llama.resolve_checkpoint("minqlora-test/no-such-model")
+        hf_checkpoint.resolve_checkpoint("minqlora-test/no-such-model")
 
     # the hub's own exceptions become errors that say what to do
     import huggingface_hub
@@ -332,7 +333,7 @@ def test_load_errors(tmp_path, monkeypatch):
             (errors.HfHubHTTPError, 401, PermissionError, "access denied \\(HTTP 401\\).*HF_TOKEN")]:
         monkeypatch.setattr(huggingface_hub, "snapshot_download", raising(exc_type, status))
         with pytest.raises(expected_error, match=text):
-            llama.resolve_checkpoint("owner/model")
+            hf_checkpoint.resolve_checkpoint("owner/model")
 
 
 def test_hub_snapshot_is_used(tmp_path, monkeypatch):
@@ -351,7 +352,7 @@ def test_hub_snapshot_is_used(tmp_path, monkeypatch):
     assert model.name_or_path == "owner/tiny"
     assert seen["repo_id"] == "owner/tiny" and seen["revision"] == "main" and seen["token"] == "hf_env"
     assert "model*.safetensors" in seen["allow_patterns"] and "*.bin" not in seen["allow_patterns"]
-    llama.resolve_checkpoint("owner/tiny", token="hf_arg")
+    hf_checkpoint.resolve_checkpoint("owner/tiny", token="hf_arg")
     assert seen["token"] == "hf_arg"
 
     # a repo with only pytorch_model.bin: the snapshot holds no safetensors; the listing names the .bin
