@@ -47,6 +47,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+import hf_checkpoint
 import llama
 import lora
 from nf4 import Linear4bit
@@ -155,7 +156,7 @@ class Checkpoint:
     `keys` lists the logical tensors (a 4-bit weight and its constants count as one float `P.weight`)."""
 
     def __init__(self, directory):
-        self.files = llama.checkpoint_files(directory)
+        self.files = hf_checkpoint.checkpoint_files(directory)
         self.file_of, self.header = {}, {}  # key -> shard file, key -> (safetensors dtype, shape)
         for file in self.files:
             with safe_open(file, framework="pt") as f:
@@ -304,7 +305,7 @@ def merge_checkpoint(adapter_dir, output_dir, model, dtype_name, base, max_shard
     model = model or adapter.config.get("base_model_name_or_path")
     if not model:
         raise ValueError(f"{adapter_dir}/adapter_config.json names no base_model_name_or_path: pass --model")
-    base_dir = llama.resolve_checkpoint(model)
+    base_dir = hf_checkpoint.resolve_checkpoint(model)
     if output_dir.resolve() in (Path(base_dir).resolve(), adapter_dir.resolve()):
         raise ValueError(f"--output {output_dir} is the base or adapter directory itself: choose another")
     dtype = DTYPES[dtype_name]
