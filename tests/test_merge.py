@@ -9,6 +9,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+import hf_checkpoint
 import llama
 import lora
 import merge
@@ -28,7 +29,7 @@ def logits_of(directory, quant=None, adapter=None):
 
 def tensors(directory):
     out = {}
-    for file in llama.checkpoint_files(directory):
+    for file in hf_checkpoint.checkpoint_files(directory):
         out.update(load_file(file))
     return out
 
