@@ -218,7 +218,8 @@ def build_parser():
                         "else nf4")
     p.add_argument("--dtype", default=None, choices=list(DTYPES),
                    help="weights/compute dtype; default: the training run's, else bfloat16 on GPU, float32 on CPU")
-    p.add_argument("--device", default=None, help="cuda, cpu, ...; default cuda when available")
+    p.add_argument("--device", default="auto",
+                   help="auto (CUDA when available, else the CPU), cuda, cuda:N or cpu (default %(default)s)")
     p.add_argument("--no-chat-template", action="store_true", help="feed the raw prompt text")
     p.add_argument("--seed", type=int, default=None, help="seed for sampling (reproducible replies)")
     return p
@@ -228,7 +229,9 @@ def main(argv=None, stdin=None, out=None):
     args = build_parser().parse_args(argv)
     if args.max_new_tokens < 1 or args.temperature < 0 or not 0 < args.top_p <= 1:
         raise ValueError("need --max-new-tokens >= 1, --temperature >= 0 and 0 < --top-p <= 1")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    # the script chooses for its user (the library itself stays on the CPU unless told): see llama.from_pretrained
+    auto = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(auto if args.device == "auto" else args.device)
     model_id, adapter = resolve_model_and_adapter(args.model, args.adapter)
     run = train_config(adapter) if adapter is not None else {}
     quant = args.quant or run.get("quant", QUANT_DEFAULTS["quant_type"])

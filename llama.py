@@ -306,10 +306,14 @@ class Llama(nn.Module):
 
     def hidden_states(self, input_ids, attention_mask=None, position_ids=None, cache=None):
         """The final-norm output (B, T, C) that lm_head maps to logits: training computes its loss from
-        this in chunks, so the (B, T, V) fp32 logits of the whole batch never exist at once."""
+        this in chunks, so the (B, T, V) fp32 logits of the whole batch never exist at once. Index tensors
+        on another device than the model (CPU token ids for a CUDA model) are moved to the model's."""
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
-        device = input_ids.device
+        device = self.model.embed_tokens.weight.device
+        input_ids = input_ids.to(device)
+        attention_mask = attention_mask.to(device) if attention_mask is not None else None
+        position_ids = position_ids.to(device) if position_ids is not None else None
         if attention_mask is not None and attention_mask.dim() == 4 and position_ids is None:
             raise ValueError("a (B, 1, T, S) attention_mask needs explicit position_ids")
         if position_ids is None:
@@ -389,11 +393,16 @@ def from_pretrained(name_or_path: str | os.PathLike, quant: str | None = "nf4",
     Float weights are cast to `dtype` before quantizing, as transformers does, so the bytes match a
     bitsandbytes model loaded with torch_dtype=dtype. A checkpoint already quantized by bitsandbytes
     (transformers' 4-bit layout) keeps its own 4-bit format, or is dequantized to `dtype` when quant is None.
-    device None: CUDA when available, else the CPU. Returns the model in eval mode.
+    Returns the model in eval mode.
+
+    Device convention (as torch and transformers): the model lands on the CPU unless `device` names
+    another ("cuda", "cuda:1"); a library call never moves work to a GPU by itself. The command-line
+    scripts choose for their users instead (`--device auto`: CUDA when available). The forward accepts
+    token ids, masks and positions on any device and moves them to the model's.
     """
     if quant not in ("nf4", "fp4", None):
         raise ValueError(f"quant must be 'nf4', 'fp4' or None, not {quant!r}")
-    device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device if device is not None else "cpu")
     directory = hf_checkpoint.resolve_checkpoint(name_or_path, revision, token)
     if not (directory / "config.json").is_file():
         raise FileNotFoundError(f"{directory} has no config.json: not a Hugging Face checkpoint directory")

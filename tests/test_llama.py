@@ -214,6 +214,30 @@ def test_kv_cache_matches_full_forward():
     assert_logits_close(torch.cat(parts, dim=1), full)
 
 
+def test_library_stays_on_the_cpu_unless_told(monkeypatch):
+    """The device convention: device=None is the CPU even where a GPU is available (as torch and
+    transformers do); only the command-line scripts pick CUDA by themselves (--device auto)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for quant in (None, "nf4"):
+        model = llama.from_pretrained(HF / "gqa", quant=quant, dtype=torch.float32)
+        assert {t.device.type for t in [*model.parameters(), *model.buffers()]} == {"cpu"}, quant
+
+
+@pytest.mark.cuda
+def test_cuda_model_takes_inputs_from_the_cpu():
+    """Token ids, a padding mask and position ids on the CPU go to the model's device by themselves; fp32
+    logits within the parity tolerance (TF32 is off for matmuls by default)."""
+    exp = expected("gqa")
+    model = load(HF / "gqa", device="cuda")
+    mask = torch.ones(2, 64, dtype=torch.long)
+    with torch.no_grad():
+        out = model(exp["input_ids"], attention_mask=mask)
+        by_position = model.hidden_states(exp["input_ids"], position_ids=torch.arange(64).expand(2, 64))
+    assert out.is_cuda and by_position.is_cuda
+    assert_logits_close(out.cpu(), exp["logits"])
+    torch.testing.assert_close(by_position.cpu(), exp["hidden_2"], rtol=0, atol=1e-5)
+
+
 def test_tied_embeddings_share_one_matrix():
     model = load(HF / "tied")
     assert model.lm_head.weight is model.model.embed_tokens.weight
