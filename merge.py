@@ -32,6 +32,9 @@ keep the base checkpoint's keys. Floating tensors the adapter does not touch are
 their dtype already equals `--dtype`, else cast once: a runtime expects one dtype throughout a float16
 checkpoint. Everything is written into a temporary directory next to the output and renamed at the end.
 
+GGUF (`--format gguf`): the same merged tensors, streamed the same way, written as one llama.cpp file
+`model-F16.gguf` (or BF16, Q8_0 with `--gguf-type`) in the output directory instead; see gguf_export.py.
+
 Left out: DoRA, embedding adapters, rank/alpha patterns (lora.adapter_config refuses them), and base
 checkpoints in `.bin` (pickle) format.
 """
@@ -47,6 +50,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+import gguf_export
 import hf_checkpoint
 import llama
 import lora
@@ -261,7 +265,8 @@ def finite_or_raise(key, out, before):
             raise ValueError(f"{key}: {bad} values are not finite already before the cast to {out.dtype}: "
                              "the base checkpoint or the adapter holds inf/NaN (a diverged training run?)")
         raise ValueError(f"{key}: {bad} values are not finite after the cast to {out.dtype} (largest |value| "
-                         f"{float(before.abs().max()):.6g}; float16 holds at most 65504): use --dtype bfloat16")
+                         f"{float(before.abs().max()):.6g}; float16 holds at most 65504): use --dtype bfloat16 "
+                         "(--gguf-type bf16 for GGUF)")
 
 
 def output_config(base_dir, dtype_name):
@@ -296,10 +301,37 @@ def write_json(path, obj):
     Path(path).write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
-def merge_checkpoint(adapter_dir, output_dir, model, dtype_name, base, max_shard_size, force, verify):
-    """Merge the adapter in adapter_dir into its base checkpoint and write the result to output_dir."""
+def write_hf_checkpoint(directory, base_dir, entries, produce, dtype_name, max_shard_size):
+    """The transformers layout in `directory`: shards (each tensor from produce(key)), index, config.json,
+    the base's tokenizer files and generation_config.json."""
+    shards = plan_shards(entries, max_shard_size)
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    for name, shard in zip(names, shards):
+        write_safetensors(directory / name, shard, produce)
+    if len(shards) > 1:
+        write_json(directory / "model.safetensors.index.json", {
+            "metadata": {"total_size": sum(math.prod(s) * d.itemsize for _, s, d in entries),
+                         "total_parameters": sum(math.prod(s) for _, s, _ in entries)},
+            "weight_map": {key: name for name, shard in zip(names, shards) for key, _, _ in shard}})
+    write_json(directory / "config.json", output_config(base_dir, dtype_name))
+    for path in sorted(Path(base_dir).iterdir()):  # tokenizer, chat template, licence, ...
+        if (path.is_file() and not path.name.endswith(WEIGHT_FILES) and not path.name.startswith(".")
+                and path.name not in ("config.json", "model.safetensors.index.json", "generation_config.json")):
+            shutil.copy2(path, directory / path.name)
+    gen = generation_config(base_dir)
+    if gen is not None:
+        write_json(directory / "generation_config.json", gen)
+
+
+def merge_checkpoint(adapter_dir, output_dir, model, dtype_name, base, max_shard_size, force, verify,
+                     fmt="safetensors", gguf_type="f16"):
+    """Merge the adapter in adapter_dir into its base checkpoint and write the result to output_dir: a HF
+    checkpoint (fmt "safetensors") or one GGUF file of type `gguf_type` (fmt "gguf")."""
     adapter_dir, output_dir = Path(adapter_dir), Path(output_dir)
     adapter = Adapter(adapter_dir)
+    if fmt == "gguf" and verify:
+        raise ValueError("--verify loads a HF checkpoint; it does not read GGUF: drop it with --format gguf")
     if output_dir.exists() and not force:
         raise FileExistsError(f"{output_dir} already exists: pass --force to replace it, or --output DIR")
     model = model or adapter.config.get("base_model_name_or_path")
@@ -326,7 +358,8 @@ def merge_checkpoint(adapter_dir, output_dir, model, dtype_name, base, max_shard
             raise ValueError(f"shape mismatch for {key}: base {list(shapes[key])}, adapter lora_B @ lora_A "
                              f"{list(shape)}: the adapter was trained on another model; wrong --model?")
 
-    def produce(key):
+    def produce(key, out_dtype):
+        """The merged tensor, rounded once to out_dtype (integer tensors as stored)."""
         tensor = ckpt.get(key)
         module = key.removesuffix(".weight")
         roundtrip = settings is not None and key not in ckpt.quantized and is_quantized_on_load(key, tensor.shape)
@@ -338,39 +371,27 @@ def merge_checkpoint(adapter_dir, output_dir, model, dtype_name, base, max_shard
             if module in adapter.keys:
                 a, b = adapter.pair(module)
                 tensor = lora.merge_weight(tensor, a.float(), b.float(), adapter.scaling)
-        if not tensor.is_floating_point() or (tensor.dtype == dtype and not changed):
+        if not tensor.is_floating_point() or (tensor.dtype == out_dtype and not changed):
             return tensor  # an untouched tensor already in the output dtype stays byte-identical
-        out = tensor.to(dtype)  # the one rounding (a no-op for float32 output)
+        out = tensor.to(out_dtype)  # the one rounding (a no-op for float32 output)
         finite_or_raise(key, out, tensor)
         return out
 
-    shards = plan_shards(entries, max_shard_size)
-    names = (["model.safetensors"] if len(shards) == 1 else
-             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     tmp = output_dir.parent / f".{output_dir.name}.tmp-{os.getpid()}"
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        total = sum(math.prod(s) * d.itemsize for _, s, d in entries)
         print(f"merging {adapter_dir} into {base_dir} ({base} weights, scaling {adapter.scaling:g}, "
-              f"{len(adapter.keys)} adapted tensors) -> {output_dir} ({dtype_name}, {total / 1e9:.2f} GB in "
-              f"{len(shards)} file{'s' * (len(shards) > 1)})", file=sys.stderr)
-        for name, shard in zip(names, shards):
-            write_safetensors(tmp / name, shard, produce)
-        if len(shards) > 1:
-            write_json(tmp / "model.safetensors.index.json", {
-                "metadata": {"total_size": total,
-                             "total_parameters": sum(math.prod(s) for _, s, _ in entries)},
-                "weight_map": {key: name for name, shard in zip(names, shards) for key, _, _ in shard}})
-        write_json(tmp / "config.json", output_config(base_dir, dtype_name))
-        for path in sorted(Path(base_dir).iterdir()):  # tokenizer, chat template, licence, ...
-            if (path.is_file() and not path.name.endswith(WEIGHT_FILES) and not path.name.startswith(".")
-                    and path.name not in ("config.json", "model.safetensors.index.json", "generation_config.json")):
-                shutil.copy2(path, tmp / path.name)
-        gen = generation_config(base_dir)
-        if gen is not None:
-            write_json(tmp / "generation_config.json", gen)
+              f"{len(adapter.keys)} adapted tensors) -> {output_dir} "
+              f"({'GGUF ' + gguf_type if fmt == 'gguf' else dtype_name})", file=sys.stderr)
+        if fmt == "gguf":
+            gguf_export.write_gguf(tmp / gguf_export.file_name(gguf_type), base_dir,
+                                   [(key, shape) for key, shape, _ in entries], produce, gguf_type,
+                                   model_name=Path(str(model)).name)
+        else:
+            write_hf_checkpoint(tmp, base_dir, entries, lambda key: produce(key, dtype), dtype_name,
+                                max_shard_size)
         if output_dir.exists():  # --force: swap the new directory in, then drop the old one
             old = output_dir.parent / f".{output_dir.name}.old-{os.getpid()}"
             os.replace(output_dir, old)
@@ -387,7 +408,7 @@ def merge_checkpoint(adapter_dir, output_dir, model, dtype_name, base, max_shard
     print(f"wrote {output_dir}", file=sys.stderr)
 
     n_params = sum(math.prod(s) for _, s, _ in entries)
-    if verify or (verify is None and n_params < 1e9):
+    if fmt != "gguf" and (verify or (verify is None and n_params < 1e9)):
         verify_merge(output_dir, base_dir, adapter_dir, settings)
     return output_dir
 
@@ -447,8 +468,14 @@ def build_parser():
                    help="training run or adapter dir (PEFT layout); default: the newest finished run under runs/")
     p.add_argument("--model", default=None,
                    help="base checkpoint (hub id or local dir); default: the adapter's base_model_name_or_path")
-    p.add_argument("--output", default=None, help="output directory; default: <adapter>/merged")
-    p.add_argument("--dtype", default="float16", choices=list(DTYPES), help="dtype of the merged checkpoint (default %(default)s)")
+    p.add_argument("--output", default=None, help="output directory; default: <adapter>/merged (<adapter>/gguf "
+                   "with --format gguf)")
+    p.add_argument("--format", default="safetensors", choices=["safetensors", "gguf"],
+                   help="safetensors: a transformers checkpoint; gguf: one llama.cpp file (default %(default)s)")
+    p.add_argument("--gguf-type", default="f16", choices=list(gguf_export.GGUF_TYPES),
+                   help="type of the GGUF's weight matrices; norms stay F32 (default %(default)s)")
+    p.add_argument("--dtype", default="float16", choices=list(DTYPES),
+                   help="dtype of the merged safetensors checkpoint (default %(default)s)")
     p.add_argument("--base", default="original", choices=["original", "dequantized"],
                    help="original: fold into the checkpoint's own weights (the QLoRA recipe; differs from the "
                         "trained model by the 4-bit quantization error); dequantized: into dequant(quant(W)) with "
@@ -465,9 +492,9 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     adapter = Path(args.adapter) if args.adapter else latest_run()
-    output = Path(args.output) if args.output else adapter / "merged"
+    output = Path(args.output) if args.output else adapter / ("gguf" if args.format == "gguf" else "merged")
     return merge_checkpoint(adapter, output, args.model, args.dtype, args.base, args.max_shard_size,
-                            args.force, args.verify)
+                            args.force, args.verify, args.format, args.gguf_type)
 
 
 if __name__ == "__main__":
