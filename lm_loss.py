@@ -60,19 +60,28 @@ def _chunk_ce(head, h, targets):
     return F.cross_entropy(head(h).float(), targets, reduction="sum")
 
 
+def to_device(t, device):
+    """A CPU tensor on `device` without making the host wait: CUDA copies from pinned (page-locked) host
+    memory asynchronously, while from ordinary memory it may synchronize the stream first to stage it."""
+    if t.device == device or device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def lm_loss_sum(model, batch):
-    """Summed cross-entropy over the batch's supervised positions (fp32 scalar) and their count."""
+    """Summed cross-entropy over the batch's supervised positions (fp32 scalar) and their count.
+
+    The positions are picked where collate built the targets, on the CPU: a boolean index on the device
+    would make the host wait for the GPU (the result's size is data), once per micro-batch."""
     device = model.lm_head.weight.device if hasattr(model.lm_head, "weight") else next(model.parameters()).device
-    targets = batch["targets"].to(device)
-    kwargs = {}
-    if "position_ids" in batch:
-        kwargs = {"attention_mask": batch["attention_mask"].to(device),
-                  "position_ids": batch["position_ids"].to(device)}
-    # Padding is on the right and attention is causal, so real tokens never see a pad: no attention
-    # mask is needed, which keeps the fast causal attention path.
-    hidden = model.hidden_states(batch["input_ids"].to(device), **kwargs)  # (B, T, C)
-    selected = targets != IGNORE  # (B, T)
-    h, y = hidden[selected], targets[selected]  # (N, C), (N,)
+    targets = batch["targets"]  # (B, T)
+    picked = (targets != IGNORE).flatten().nonzero().squeeze(1)  # (N,) flat indices of the trained positions
+    y = to_device(targets.flatten()[picked], device)  # (N,)
+    # packed rows carry their own position ids and mask; otherwise padding is on the right and attention
+    # is causal, so real tokens never see a pad: no mask is needed, which keeps the fast causal path.
+    kwargs = {k: to_device(batch[k], device) for k in ("attention_mask", "position_ids") if k in batch}
+    hidden = model.hidden_states(to_device(batch["input_ids"], device), **kwargs)  # (B, T, C)
+    h = hidden.flatten(0, 1).index_select(0, to_device(picked, device))  # (B*T, C) -> (N, C)
     head = model.lm_head
     chunk_rows = loss_chunk_rows(model.config.vocab_size)
     if type(head) is nn.Linear and head.bias is None and not head.weight.requires_grad:
