@@ -204,7 +204,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(C, K * D, bias=config.attention_bias)
         self.o_proj = nn.Linear(H * D, C, bias=config.attention_bias)
 
-    def forward(self, x, cos, sin, mask, cache):
+    def forward(self, x, cos, sin, mask=None, cache=None, docs=None):
         B, T, _ = x.shape
         H, K, D = self.n_head, self.n_kv_head, self.head_dim
         q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
@@ -217,12 +217,39 @@ class Attention(nn.Module):
         if H != K:  # GQA: query head h reads kv head h // (H/K), so repeat each for *adjacent* query heads
             k = k.repeat_interleave(H // K, dim=1)  # (B, H, S, D)
             v = v.repeat_interleave(H // K, dim=1)  # (B, H, S, D)
-        # mask None: plain causal when T == S; a single new token (T == 1) may see every cached key.
-        # SDPA's is_causal aligns the triangle top-left, which is wrong for T < S, hence the explicit
-        # mask the model builds for that case.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)
+        if docs is not None:  # packed rows: causal inside each document, nothing across
+            y = packed_attention(q, k, v, docs)  # (B, H, T, D)
+        else:
+            # mask None: plain causal when T == S; a single new token (T == 1) may see every cached key.
+            # SDPA's is_causal aligns the triangle top-left, which is wrong for T < S, hence the explicit
+            # mask the model builds for that case.
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)
         y = y.transpose(1, 2).reshape(B, T, H * D)  # (B, T, C)
         return self.o_proj(y)
+
+
+def packed_attention(q, k, v, docs: list[list[int]]) -> torch.Tensor:
+    """Causal attention within each document of a packed row and never across documents. docs[b] lists
+    row b's document boundaries [0, s_1, ..., T]. One causal SDPA call per document (a variable-length
+    kernel by loop), so neither a (T, T) mask nor a (T, T) score matrix exists at any length: SDPA's
+    flash/efficient kernels keep the memory linear in T."""
+    rows = []
+    for b, cuts in enumerate(docs):
+        parts = [F.scaled_dot_product_attention(q[b:b + 1, :, s:e], k[b:b + 1, :, s:e], v[b:b + 1, :, s:e],
+                                                is_causal=True)  # (1, H, e - s, D)
+                 for s, e in zip(cuts, cuts[1:])]
+        rows.append(torch.cat(parts, dim=2))  # (1, H, T, D)
+    return torch.cat(rows)  # (B, H, T, D)
+
+
+def document_boundaries(position_ids: torch.Tensor) -> list[list[int]] | None:
+    """Packed rows mark each document by restarting position_ids at 0. Returns each row's boundaries
+    [0, s_1, ..., T], or None when no row restarts (one document a row: plain causal attention)."""
+    restarts = (position_ids[:, 1:] == 0).cpu()  # (B, T - 1); a GPU sync only if the ids live there
+    if not restarts.any():
+        return None
+    T = position_ids.shape[1]
+    return [[0] + (row.nonzero().flatten() + 1).tolist() + [T] for row in restarts]
 
 
 class MLP(nn.Module):
@@ -245,8 +272,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, mask=None, cache=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+    def forward(self, x, cos, sin, mask=None, cache=None, docs=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, docs)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -299,44 +326,43 @@ class Llama(nn.Module):
         self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None):
-        """input_ids (B, T) -> logits (B, T, V) in the model dtype. attention_mask (B, S): 1 real, 0 padding,
-        covering the cached positions too when `cache` is given; or a ready boolean (B, 1, T, S) mask,
-        True = may attend (train.py's block-diagonal mask for packed rows, with their position_ids)."""
+        """input_ids (B, T) -> logits (B, T, V) in the model dtype. See `hidden_states` for the rest."""
         return self.lm_head(self.hidden_states(input_ids, attention_mask, position_ids, cache))
 
     def hidden_states(self, input_ids, attention_mask=None, position_ids=None, cache=None):
         """The final-norm output (B, T, C) that lm_head maps to logits: training computes its loss from
-        this in chunks, so the (B, T, V) fp32 logits of the whole batch never exist at once. Index tensors
-        on another device than the model (CPU token ids for a CUDA model) are moved to the model's."""
+        this in chunks, so the (B, T, V) fp32 logits of the whole batch never exist at once.
+
+        attention_mask (B, S): 1 real token, 0 padding, covering the cached positions too with a `cache`.
+        position_ids (B, T): rope positions. Packed rows (several documents in one row) give positions
+        that restart at 0 at each document and no attention_mask and no cache: every restart is then a
+        document boundary that no token attends across, without any (T, T) mask (`packed_attention`).
+        Still accepted: a ready boolean (B, 1, T, S) attention_mask, True = may attend, with position_ids.
+        Index tensors on another device than the model (CPU ids, CUDA model) are moved to the model's."""
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
+        dense = attention_mask is not None and attention_mask.dim() == 4
+        if dense and position_ids is None:
+            raise ValueError("a (B, 1, T, S) attention_mask needs explicit position_ids")
+        docs = None
+        if position_ids is not None and attention_mask is None and cache is None:
+            docs = document_boundaries(position_ids)  # before the move: CPU ids cost no device sync
         device = self.model.embed_tokens.weight.device
         input_ids = input_ids.to(device)
         attention_mask = attention_mask.to(device) if attention_mask is not None else None
-        position_ids = position_ids.to(device) if position_ids is not None else None
-        if attention_mask is not None and attention_mask.dim() == 4 and position_ids is None:
-            raise ValueError("a (B, 1, T, S) attention_mask needs explicit position_ids")
-        if position_ids is None:
-            if attention_mask is None:
-                position_ids = torch.arange(past, past + T, device=device).expand(B, T)  # (B, T)
-            else:
-                # count real tokens only, so a left-padded prompt gets the positions it has unpadded
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]  # (B, T)
+        if position_ids is not None:
+            position_ids = position_ids.to(device)
+        elif attention_mask is None:
+            position_ids = torch.arange(past, past + T, device=device).expand(B, T)  # (B, T)
+        else:
+            # count real tokens only, so a left-padded prompt gets the positions it has unpadded
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]  # (B, T)
         x = self.model.embed_tokens(input_ids)  # (B, T, C)
-
-        # rope angles in fp32 (positions up to 1e5+ times theta need the mantissa), cos/sin cast once
-        inv_freq = self.inv_freq
-        if (self.config.rope_scaling or {}).get("rope_type") == "dynamic":
-            seq_len = int(position_ids.max()) + 1
-            if seq_len > self.config.max_position_embeddings:
-                inv_freq = rope_inv_freq(self.config, seq_len).to(device)
-        angles = position_ids[..., None].float() * inv_freq.to(device)  # (B, T, D/2)
-        angles = torch.cat((angles, angles), dim=-1)[:, None]  # (B, 1, T, D) broadcast over heads
-        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        cos, sin = self._rope(position_ids, x.dtype)
 
         mask = None
-        if attention_mask is not None and attention_mask.dim() == 4:
-            mask = attention_mask.to(device=device, dtype=torch.bool)  # (B, 1, T, S) built by the caller
+        if dense:
+            mask = attention_mask.to(dtype=torch.bool)  # (B, 1, T, S) built by the caller
         elif attention_mask is not None or (past > 0 and T > 1):
             mask = self._attention_mask(attention_mask, past, T, device)
 
@@ -344,12 +370,24 @@ class Llama(nn.Module):
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None:
                 # non-reentrant: works when no input requires grad (frozen embeddings, LoRA-only params)
                 # and keeps only the layer input; the layer is run again during backward
-                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, mask, None, docs, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, cache)
+                x = layer(x, cos, sin, mask, cache, docs)
         if cache is not None:
             cache.length += T
         return self.model.norm(x)
+
+    def _rope(self, position_ids, dtype):
+        """cos and sin (B, 1, T, D) of the rope angles p * theta_i, in fp32 (positions up to 1e5+ times
+        theta need the mantissa) and cast to the activations' dtype once."""
+        inv_freq = self.inv_freq
+        if (self.config.rope_scaling or {}).get("rope_type") == "dynamic":
+            seq_len = int(position_ids.max()) + 1
+            if seq_len > self.config.max_position_embeddings:
+                inv_freq = rope_inv_freq(self.config, seq_len)
+        angles = position_ids[..., None].float() * inv_freq.to(position_ids.device)  # (B, T, D/2)
+        angles = torch.cat((angles, angles), dim=-1)[:, None]  # (B, 1, T, D) broadcast over heads
+        return angles.cos().to(dtype), angles.sin().to(dtype)
 
     @staticmethod
     def _attention_mask(attention_mask, past, T, device):

@@ -1,0 +1,117 @@
+"""Long context, the model side: packed rows without a dense (T, T) mask, the MLP computed in chunks of
+tokens, and checkpointed layer inputs offloaded to CPU memory; each exact against the plain path."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+import llama
+from conftest import HF
+
+T = 200  # no dimension of the gqa fixture is 200 (C 64, F 176, V 512, D 16), so a (T, T) shape is unambiguous
+DOCS = [[70, 50, 80], [30, 100, 45, 25]]  # document lengths of the two packed rows, each summing to T
+
+
+def load():
+    return llama.from_pretrained(HF / "gqa", quant=None, dtype=torch.float32)
+
+
+def packed_batch():
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 512, (len(DOCS), T), generator=gen)  # (B, T)
+    pos = torch.cat([torch.cat([torch.arange(n) for n in row])[None] for row in DOCS])  # (B, T) restarts at 0
+    return ids, pos
+
+
+def documents(ids):
+    """(row, start, end) of every packed document."""
+    out = []
+    for b, row in enumerate(DOCS):
+        start = 0
+        for n in row:
+            out.append((b, start, start + n))
+            start += n
+    return out
+
+
+def doc_loss(logits, ids):
+    """Next-token cross-entropy summed over one document (no target crosses a document boundary)."""
+    return F.cross_entropy(logits[:-1].float(), ids[1:], reduction="sum")
+
+
+class SquareTensors(TorchDispatchMode):
+    """Records every tensor that any aten op produces (forward and backward) having two dims equal to T:
+    a (T, T) mask or score matrix, whatever its leading dims."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and list(t.shape).count(T) >= 2:
+                self.seen.append((str(func), tuple(t.shape)))
+        return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# packed rows: position_ids that restart at 0, no attention_mask
+
+
+def test_packed_rows_equal_documents_alone():
+    """Each document of a packed row gets the logits and loss it gets alone, and the gradients of the
+    summed loss equal those of the documents run one by one. fp32 throughout; the two computations differ
+    only in the shapes the matmuls and SDPA see (blocking/summation order), so they agree to fp32
+    round-off: 1e-5 of the logits' scale, as the transformers parity tests."""
+    model = load()
+    ids, pos = packed_batch()
+    logits = model(ids, position_ids=pos)  # (B, T, V)
+    packed_loss = 0
+    alone_loss = 0
+    for b, s, e in documents(ids):
+        alone = model(ids[b:b + 1, s:e])[0]  # (e - s, V)
+        scale = alone.abs().max().item()
+        torch.testing.assert_close(logits[b, s:e], alone, rtol=0, atol=1e-5 * scale)
+        a, p = doc_loss(alone, ids[b, s:e]), doc_loss(logits[b, s:e], ids[b, s:e])
+        torch.testing.assert_close(p, a, rtol=1e-6, atol=0)
+        packed_loss, alone_loss = packed_loss + p, alone_loss + a
+    params = [model.model.layers[0].self_attn.q_proj.weight, model.model.layers[1].mlp.down_proj.weight,
+              model.model.embed_tokens.weight]
+    g_packed = torch.autograd.grad(packed_loss, params)
+    g_alone = torch.autograd.grad(alone_loss, params)
+    for gp, ga in zip(g_packed, g_alone):
+        torch.testing.assert_close(gp, ga, rtol=0, atol=1e-5 * ga.abs().max().item())
+    # and a row that is not packed is untouched: the packed call above also equals the dense-mask path
+    seg = torch.cat([torch.cat([torch.full((n,), i) for i, n in enumerate(row)])[None] for row in DOCS])
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    dense = (causal & (seg[:, :, None] == seg[:, None, :]))[:, None]  # (B, 1, T, T)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, attention_mask=dense, position_ids=pos), logits.detach(),
+                                   rtol=0, atol=1e-5 * logits.abs().max().item())
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_packed_rows_allocate_nothing_quadratic(checkpointing):
+    """Forward and backward of a packed batch produce no tensor with two dims of length T (no mask, no
+    scores): SDPA's causal kernel runs per document. The dense-mask path is the control that the check
+    sees such tensors when they exist."""
+    model = load()
+    model.gradient_checkpointing = checkpointing
+    model.train()
+    ids, pos = packed_batch()
+    with SquareTensors() as spy:
+        model(ids, position_ids=pos).float().logsumexp(-1).mean().backward()
+    assert spy.seen == []
+    seg = torch.cat([torch.cat([torch.full((n,), i) for i, n in enumerate(row)])[None] for row in DOCS])
+    with SquareTensors() as control:
+        dense = (seg[:, :, None] == seg[:, None, :]) & torch.ones(T, T, dtype=torch.bool).tril()
+        model(ids, attention_mask=dense[:, None], position_ids=pos).float().logsumexp(-1).mean().backward()
+    assert control.seen  # the (B, 1, T, T) mask and what SDPA derives from it
+
+
+def test_document_boundaries():
+    assert llama.document_boundaries(torch.arange(6).expand(2, 6)) is None  # no restart: plain causal
+    pos = torch.tensor([[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 4, 5]])
+    assert llama.document_boundaries(pos) == [[0, 3, 5, 6], [0, 6]]
