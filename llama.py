@@ -259,9 +259,26 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(C, Fi, bias=config.mlp_bias)
         self.up_proj = nn.Linear(C, Fi, bias=config.mlp_bias)
         self.down_proj = nn.Linear(Fi, C, bias=config.mlp_bias)
+        # At long context the (tokens, F) gate/up intermediates are a layer's largest tensors (F ~ 2.7 C).
+        # A call with more than `chunk_size` tokens (B * T) runs them chunk by chunk; tokens are independent
+        # here, so no value changes. None: never split. 8192 leaves ordinary batches on the plain path.
+        self.chunk_size: int | None = 8192
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+        B, T, C = x.shape
+        if self.chunk_size is None or B * T <= self.chunk_size:
+            return self.swiglu(x)
+        chunks = x.reshape(B * T, C).split(self.chunk_size)  # (chunk_size, C) each, the last shorter
+        if torch.is_grad_enabled():
+            # each chunk checkpointed: backward (and a layer checkpoint's recompute) keeps one chunk's
+            # intermediates at a time instead of all of them
+            chunks = [checkpoint(self.swiglu, c, use_reentrant=False) for c in chunks]
+        else:
+            chunks = [self.swiglu(c) for c in chunks]
+        return torch.cat(chunks).view(B, T, C)  # (B, T, C)
+
+    def swiglu(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):
