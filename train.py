@@ -26,7 +26,10 @@ has nanoGPT's shape: one short block per stage. Elsewhere:
   data position (epoch, batch; the shuffle is a pure function of seed and epoch), RNG states. The LR
   schedule is a pure function of the step, so the step is its whole state.
 
-Left out on purpose: multi-GPU, length-grouped sampling, evaluation beyond loss (the demo's accuracy).
+Several devices: `torchrun --nproc-per-node N train.py ...` trains data-parallel, `--fsdp` shards with
+FSDP2; each rank reads its share of every global micro-batch of N x --batch-size rows (distributed.py).
+
+Left out on purpose: length-grouped sampling, evaluation beyond loss (the demo's accuracy).
 """
 import argparse
 import dataclasses
@@ -43,6 +46,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import distributed
 import llama
 import lora
 import nf4
@@ -112,6 +116,12 @@ class TrainConfig:
     threads: int = _flag(0, "CPU threads for torch (0: torch's default, one per core); 1 is far faster on a "
                             "machine other jobs keep busy, where a second thread waits at every op's barrier")
     seed: int = _flag(42, "seed for LoRA init, dropout and the data order")
+    fsdp: bool = _flag(False, "under torchrun: shard the 4-bit base, adapters and optimizer state over the "
+                              "ranks with FSDP2 (a model too big for one device); without it torchrun trains "
+                              "data-parallel. --batch-size stays per device")
+    fsdp_cpu_offload: bool = _flag(False, "with --fsdp: keep the shards and the optimizer step in host RAM "
+                                          "(FSDP2 CPUOffloadPolicy)")
+    dist_timeout: float = _flag(30.0, "under torchrun: minutes a rank waits in a collective before giving up")
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -191,8 +201,10 @@ def setup(cfg):
     """Threads, device and dtype resolved into cfg; returns (checkpoint directory, tokenizer)."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    cfg.device = resolve_device(cfg.device)
+    cfg.device = distributed.init(resolve_device(cfg.device), cfg.fsdp, cfg.dist_timeout)  # torchrun: one rank
     cfg.dtype = resolve_dtype(cfg.dtype, cfg.device)
+    if cfg.fsdp and cfg.dtype == "float16":  # each rank would find overflows in its own shard only
+        raise ValueError("--fsdp trains in bfloat16 or float32, not float16 (its loss scaling is per shard)")
     model_dir = llama.resolve_checkpoint(cfg.model, revision=cfg.revision)
     llama.checkpoint_files(model_dir)  # a directory without weights fails here, not after the data is read
     if Path(cfg.model).expanduser().is_dir():
@@ -285,7 +297,7 @@ def load_model(cfg, model_dir, device, dtype):
                   use_rslora=cfg.use_rslora)
     model.gradient_checkpointing = cfg.gradient_checkpointing
     # The compiled dequantize only exists for CUDA tensors (nf4 falls back to eager elsewhere).
-    use_compile = cfg.compile == "on" or (cfg.compile == "auto" and str(device).startswith("cuda"))
+    use_compile = cfg.compile == "on" or (cfg.compile == "auto" and cfg.device.startswith("cuda"))
     for module in model.modules():
         if isinstance(module, nf4.Linear4bit):
             module.compile = use_compile
@@ -333,19 +345,35 @@ def memory_estimate(config, cfg, dtype):
 
 def save_checkpoint(out_dir, step, model, optimizer, scaler, state, base_name, keep):
     final, tmp = out_dir / f"checkpoint-{step}", out_dir / f".checkpoint-{step}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    main_rank, sharded = distributed.is_main(), distributed.is_sharded(model)
+    if main_rank:
+        shutil.rmtree(tmp, ignore_errors=True)
+    distributed.barrier()
     try:  # everything goes into a hidden temp dir first: a full disk or a crash never leaves half a checkpoint
-        lora.save_adapter(model, tmp, base_name)
-        torch.save({"optimizer": optimizer.state_dict(),
-                    "scaler": scaler.state_dict() if scaler.is_enabled() else None}, tmp / "optimizer.pt")
+        tmp.mkdir(parents=True, exist_ok=True)
+        with distributed.full_adapters(model):  # FSDP: gathered whole on rank 0
+            if main_rank:
+                lora.save_adapter(model, tmp, base_name)
+        if main_rank or sharded:  # data parallel: every rank holds the same optimizer state
+            torch.save({"optimizer": optimizer.state_dict(),
+                        "scaler": scaler.state_dict() if scaler.is_enabled() else None},
+                       tmp / distributed.rank_file("optimizer.pt", per_rank=sharded))
         rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-        torch.save(rng, tmp / "rng_state.pt")
-        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+        torch.save(rng, tmp / distributed.rank_file("rng_state.pt", per_rank=True))
+        if main_rank:
+            if distributed.world_size() > 1 or sharded:  # what the per-rank files fit (check_resume)
+                state = {**state, "world_size": distributed.world_size(), "fsdp": sharded}
+            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+        distributed.barrier()
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if not main_rank:
+        distributed.barrier()  # rank 0 swaps the checkpoint in
+        return
     lora.replace_dir(tmp, final)  # the same step saved again (a resumed run) is swapped, never lost
+    distributed.barrier()
     if keep:
         for old in sorted(out_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[:-keep]:
             shutil.rmtree(old)
@@ -357,14 +385,16 @@ def restore_checkpoint(resume_from, model, optimizer, scaler, device, steps_per_
     state = {"step": 0, "epoch": 0, "batch": 0, "tokens": 0, "elapsed_s": 0.0}
     if resume_from is None:
         return state
-    lora.load_adapter(model, resume_from)
-    saved = torch.load(resume_from / "optimizer.pt", map_location=device, weights_only=True)
+    trainer_state = json.loads((resume_from / "trainer_state.json").read_text())
+    distributed.check_resume(trainer_state, distributed.is_sharded(model))
+    distributed.load_adapter(model, resume_from)
+    optimizer_file = distributed.rank_file("optimizer.pt", per_rank=distributed.is_sharded(model))
+    saved = torch.load(resume_from / optimizer_file, map_location=device, weights_only=True)
     optimizer.load_state_dict(saved["optimizer"])
     if saved["scaler"]:  # an fp16 run's loss scale (a no-op on a disabled scaler)
         scaler.load_state_dict(saved["scaler"])
-    state.update({k: v for k, v in json.loads((resume_from / "trainer_state.json").read_text()).items()
-                  if k in state})
-    rng = torch.load(resume_from / "rng_state.pt", weights_only=True)
+    state.update({k: v for k, v in trainer_state.items() if k in state})
+    rng = torch.load(resume_from / distributed.rank_file("rng_state.pt", per_rank=True), weights_only=True)
     torch.set_rng_state(rng["torch"])
     random.setstate(rng["python"])
     if rng["cuda"] and torch.cuda.is_available():
@@ -423,11 +453,24 @@ def plot_losses(out_dir):
 # ---------------------------------------------------------------------------------------------------
 # One optimizer step, and the loop.
 
+def rank_batch(rows, examples, pad_id, packing):
+    """This rank's share of one global micro-batch (all of it on one process). A rank left without rows
+    (a last micro-batch shorter than the rank count) runs one row with no targets: it adds nothing to
+    the loss or the gradients, but takes part in the collectives of forward and backward."""
+    mine = distributed.share(rows)
+    batch = make_batch([examples[i] for i in (mine or rows[:1])], pad_id, packing)
+    if not mine:
+        batch["targets"].fill_(IGNORE)
+        batch["tokens"] = 0
+    return batch
+
+
 def train_step(model, micro, scaler, step):
     """Forward and backward over one optimizer step's micro-batches; returns the step's loss (its mean
     over the step's supervised tokens). Each micro-batch's summed loss is divided by the token count of
     the whole step, so the accumulated gradient is that of one big batch (module docstring)."""
-    n_targets = sum(int((b["targets"] != IGNORE).sum()) for b in micro)
+    n_local = sum(int((b["targets"] != IGNORE).sum()) for b in micro)
+    n_targets = distributed.sum_across([n_local])[0]  # torchrun: the whole global batch (distributed.py)
     loss_sum = 0.0
     for batch in micro:
         loss, _ = lm_loss_sum(model, batch)
@@ -437,22 +480,26 @@ def train_step(model, micro, scaler, step):
         loss = loss / n_targets
         scaler.scale(loss).backward()  # scaled only for fp16 (a disabled GradScaler returns loss itself)
         loss_sum += loss.item()
-    return loss_sum
+    return distributed.sum_across([loss_sum])[0]
 
 
-def optimizer_step(optimizer, scaler, lr, max_grad_norm, step):
-    """Clip the accumulated gradients to max_grad_norm, step the optimizer at `lr`, zero the gradients."""
+def optimizer_step(optimizer, scaler, lr, max_grad_norm, step, params):
+    """Clip the accumulated gradients of the trainable `params` to max_grad_norm, step the optimizer at
+    `lr`, zero the gradients. Under torchrun the gradients are first summed over the ranks; under FSDP the
+    optimizer steps views of this rank's shards, while the norm is taken over the whole (sharded) params."""
+    distributed.reduce_grads(params, [p for group in optimizer.param_groups for p in group["params"]])
     for group in optimizer.param_groups:
         group["lr"] = lr
     scaler.unscale_(optimizer)  # fp16: clip the true gradients, not the scaled ones
     if max_grad_norm > 0:
-        params = [p for group in optimizer.param_groups for p in group["params"]]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         if not scaler.is_enabled() and not torch.isfinite(grad_norm):
             raise FloatingPointError(f"the gradient norm became {grad_norm.item()} at step {step + 1}")
     scaler.step(optimizer)  # fp16: skips the step if the gradients overflowed; else optimizer.step()
     scaler.update()  # fp16: adjust the loss scale
     optimizer.zero_grad(set_to_none=True)
+    for p in params:  # FSDP: the sharded params' own gradients (the optimizer holds views)
+        p.grad = None
 
 
 @torch.no_grad()
@@ -471,25 +518,28 @@ def train(cfg, model, optimizer, scaler, state, examples, eval_examples, pad_id,
     out_dir = Path(cfg.output_dir)
     metrics_path = out_dir / "metrics.jsonl"
     warmup_steps = math.ceil(cfg.warmup_ratio * total_steps)
-    order = batch_order(len(examples), cfg.batch_size, cfg.grad_accum, cfg.seed, state["epoch"])
-    bar = tqdm(total=total_steps, initial=state["step"], desc="train", dynamic_ncols=True)
+    global_batch = cfg.batch_size * distributed.world_size()  # torchrun: N ranks x --batch-size rows
+    order = batch_order(len(examples), global_batch, cfg.grad_accum, cfg.seed, state["epoch"])
+    params = [p for p in model.parameters() if p.requires_grad]
+    main_rank = distributed.is_main()
+    bar = tqdm(total=total_steps, initial=state["step"], desc="train", dynamic_ncols=True, disable=not main_rank)
     model.train()
     started = time.perf_counter() - state["elapsed_s"]
     while state["step"] < total_steps:
         t0 = time.perf_counter()
         # this step's micro-batches (the row order is a pure function of seed and epoch)
-        micro = [make_batch([examples[i] for i in rows], pad_id, cfg.packing) for rows in order[state["batch"]]]
+        micro = [rank_batch(rows, examples, pad_id, cfg.packing) for rows in order[state["batch"]]]
         # forward and backward over all of them, then one optimizer step at this step's lr
         loss = train_step(model, micro, scaler, state["step"])
         lr = cfg.lr * lr_factor(state["step"], total_steps, warmup_steps, cfg.lr_scheduler)
-        optimizer_step(optimizer, scaler, lr, cfg.max_grad_norm, state["step"])
+        optimizer_step(optimizer, scaler, lr, cfg.max_grad_norm, state["step"], params)
         # advance the position in the data; a new epoch reshuffles
         state["step"] += 1
         state["batch"] += 1
         if state["batch"] == len(order):
             state["epoch"], state["batch"] = state["epoch"] + 1, 0
-            order = batch_order(len(examples), cfg.batch_size, cfg.grad_accum, cfg.seed, state["epoch"])
-        tokens = sum(b["tokens"] for b in micro)
+            order = batch_order(len(examples), global_batch, cfg.grad_accum, cfg.seed, state["epoch"])
+        tokens = int(distributed.sum_across([sum(b["tokens"] for b in micro)])[0])
         state["tokens"] += tokens
         state["elapsed_s"] = time.perf_counter() - started
         # log (and evaluate on the held-out rows every --eval-every steps and at the end)
@@ -498,7 +548,7 @@ def train(cfg, model, optimizer, scaler, state, examples, eval_examples, pad_id,
         if eval_examples and ((cfg.eval_every and state["step"] % cfg.eval_every == 0)
                               or state["step"] == total_steps):
             record["eval_loss"] = eval_loss(model, eval_examples, cfg, pad_id)
-        if state["step"] % cfg.log_every == 0 or "eval_loss" in record or state["step"] == total_steps:
+        if main_rank and (state["step"] % cfg.log_every == 0 or "eval_loss" in record or state["step"] == total_steps):
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / (time.perf_counter() - t0):.0f}",
@@ -517,16 +567,18 @@ def main(argv=None):
     cfg, demo_rows = resolve_config(argv)
     model_dir, tokenizer = setup(cfg)
     examples, eval_examples, summary = prepare_data(cfg, tokenizer)
-    steps_per_epoch = len(batch_order(len(examples), cfg.batch_size, cfg.grad_accum, 0, 0))
+    global_batch = cfg.batch_size * distributed.world_size()  # torchrun: N ranks x --batch-size rows
+    steps_per_epoch = len(batch_order(len(examples), global_batch, cfg.grad_accum, 0, 0))
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
-    out_dir = Path(cfg.output_dir or time.strftime("runs/%Y%m%d-%H%M%S"))
+    out_dir = Path(cfg.output_dir or distributed.broadcast(time.strftime("runs/%Y%m%d-%H%M%S")))  # rank 0's clock
     cfg.output_dir = str(out_dir)
     resume_from = find_checkpoint(cfg.resume, out_dir) if cfg.resume else None
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_ids[0]  # never a target
 
     out_dir.mkdir(parents=True, exist_ok=True)
     config_json = json.dumps(dataclasses.asdict(cfg), indent=2)
-    lora.atomic_write(out_dir / "train_config.json", lambda tmp: Path(tmp).write_text(config_json))
+    if distributed.is_main():
+        lora.atomic_write(out_dir / "train_config.json", lambda tmp: Path(tmp).write_text(config_json))
     print("config:", config_json)
     print(summary)
     print(f"{total_steps} steps of {cfg.batch_size} x {cfg.grad_accum} rows")
@@ -534,20 +586,29 @@ def main(argv=None):
 
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    model = load_model(cfg, model_dir, cfg.device, DTYPES[cfg.dtype])
+    if cfg.fsdp:  # each rank loads on the CPU in turn and keeps its shards (distributed.load_in_turns)
+        model = distributed.load_in_turns(lambda: load_model(cfg, model_dir, "cpu", DTYPES[cfg.dtype]), cfg.device,
+                                          cfg.fsdp_cpu_offload)
+    else:
+        model = load_model(cfg, model_dir, cfg.device, DTYPES[cfg.dtype])
+    if distributed.rank() > 0:  # the same LoRA init everywhere, but each rank its own dropout masks
+        torch.manual_seed(cfg.seed + distributed.rank())
     if demo_rows is not None:
         import demo_task
         before = demo_task.report(model, tokenizer, demo_rows)  # B = 0: exactly the 4-bit base model
-    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
+    optimizer = make_optimizer(distributed.optimizer_params([p for p in model.parameters() if p.requires_grad]), cfg)
     # fp16 needs loss scaling (its range ends at 65504); with bf16 or fp32 the scaler is a no-op
     scaler = torch.amp.GradScaler(cfg.device, enabled=cfg.dtype == "float16")
     state = restore_checkpoint(resume_from, model, optimizer, scaler, cfg.device, steps_per_epoch)
-    trim_metrics(out_dir / "metrics.jsonl", state["step"])
+    if distributed.is_main():
+        trim_metrics(out_dir / "metrics.jsonl", state["step"])
 
     train(cfg, model, optimizer, scaler, state, examples, eval_examples, pad_id, total_steps)
 
-    lora.save_adapter(model, out_dir, cfg.model)  # the final adapter at the top of the run directory
-    plot = plot_losses(out_dir) if (out_dir / "metrics.jsonl").exists() else None
+    with distributed.full_adapters(model):  # FSDP: gathered whole on rank 0, which alone writes
+        if distributed.is_main():
+            lora.save_adapter(model, out_dir, cfg.model)  # the final adapter at the top of the run directory
+    plot = plot_losses(out_dir) if distributed.is_main() and (out_dir / "metrics.jsonl").exists() else None
     print(f"saved the adapter to {out_dir}/" + (f" and the loss curve to {plot}" if plot else ""))
     if demo_rows is not None:
         demo_task.report(model, tokenizer, demo_rows, before)
@@ -558,4 +619,6 @@ if __name__ == "__main__":
     try:
         main()
     except (ValueError, FileNotFoundError, PermissionError, ConnectionError, FloatingPointError) as e:
-        sys.exit(f"train.py: error: {e}")
+        sys.exit(f"train.py: error: {e}")  # under torchrun: this rank exits, and torchrun stops the others
+    finally:
+        distributed.close()
