@@ -8,8 +8,8 @@
 Masks are built while tokenizing: each row is a list of (text, trained?) segments tokenized one by one;
 chat rows are rendered prefix by prefix with the chat template (never by searching for template text in
 the output). EOS is appended and trained on, whatever the pad token is (pad = eos with the eos masked
-out trains a model that never stops). Packing concatenates rows into --seq-len blocks with per-row
-position ids, so no row attends to another.
+out trains a model that never stops). Packing concatenates rows into --seq-len blocks whose position
+ids restart at 0 at each row, which the model reads as document boundaries: no row attends to another.
 
 The data order is a pure function of (seed, epoch), so a resumed run regenerates it from its position.
 Left out on purpose: streaming datasets, length-grouped sampling, on-the-fly augmentation.
@@ -222,23 +222,21 @@ def pack(examples, seq_len):
 
 
 def collate_packed(blocks, pad_id):
-    """A batch of packed blocks: each block's rows concatenated, with per-row position ids and a
-    block-diagonal causal mask (B, 1, T, T), so no row attends to another. No target crosses a border:
+    """A batch of packed blocks: each block's rows concatenated, with position ids that restart at 0 at
+    every row. The model reads each restart as a document boundary that no token attends across (no
+    (B, 1, T, T) mask is built: llama.packed_attention). The padding after the last row counts on from 0
+    as one more document, so it costs one attention call, not one per pad. No target crosses a border:
     a row's first token is never trained on (tokenize_row), so the previous row's last position already
     has target IGNORE."""
     batch = collate([(sum((ids for ids, _ in blk), []), sum((tr for _, tr in blk), [])) for blk in blocks], pad_id)
     B, T = batch["input_ids"].shape
     position_ids = torch.zeros(B, T, dtype=torch.long)  # (B, T)
-    document = torch.full((B, T), -1, dtype=torch.long)  # (B, T) which row of the block; -1 = padding
     for b, block in enumerate(blocks):
         t = 0
-        for d, (ids, _) in enumerate(block):
+        for ids, _ in block:
             position_ids[b, t:t + len(ids)] = torch.arange(len(ids))
-            document[b, t:t + len(ids)] = d
             t += len(ids)
-    causal = torch.ones(T, T, dtype=torch.bool).tril()  # (T, T)
-    same_row = document[:, :, None] == document[:, None, :]  # (B, T, T); padding attends to padding only
-    batch["attention_mask"] = (same_row & causal)[:, None]  # (B, 1, T, T) True = may attend
+        position_ids[b, t:] = torch.arange(T - t)  # the padding: one trailing document
     batch["position_ids"] = position_ids
     return batch
 

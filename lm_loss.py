@@ -77,9 +77,10 @@ def lm_loss_sum(model, batch):
     targets = batch["targets"]  # (B, T)
     picked = (targets != IGNORE).flatten().nonzero().squeeze(1)  # (N,) flat indices of the trained positions
     y = to_device(targets.flatten()[picked], device)  # (N,)
-    # packed rows carry their own position ids and mask; otherwise padding is on the right and attention
-    # is causal, so real tokens never see a pad: no mask is needed, which keeps the fast causal path.
-    kwargs = {k: to_device(batch[k], device) for k in ("attention_mask", "position_ids") if k in batch}
+    # Padding is on the right and attention is causal, so real tokens never see a pad: no mask is needed.
+    # Packed rows carry position ids that restart at each row, left on the CPU: the model finds the
+    # document boundaries there, without waiting for the device, and moves them itself.
+    kwargs = {"position_ids": batch["position_ids"]} if "position_ids" in batch else {}
     hidden = model.hidden_states(to_device(batch["input_ids"], device), **kwargs)  # (B, T, C)
     h = hidden.flatten(0, 1).index_select(0, to_device(picked, device))  # (B*T, C) -> (N, C)
     head = model.lm_head

@@ -210,6 +210,7 @@ def test_packing_has_no_attention_across_rows(tok):
     blocks = data.pack(examples * 2, seq_len=sum(len(ids) for ids, _ in examples) + 1)
     assert [len(b) for b in blocks] == [3, 3]
     packed = data.collate_packed(blocks[:1], tok.pad_id)
+    assert "attention_mask" not in packed  # rows are told apart by position ids restarting at 0: no (T, T) mask
     loss, n = lm_loss.lm_loss_sum(model, packed)
     separate = [lm_loss.lm_loss_sum(model, data.collate([e], tok.pad_id)) for e in examples]
     assert n == sum(k for _, k in separate)
