@@ -1,52 +1,92 @@
 #!/usr/bin/env bash
-# The one prepared command for a session that has a GPU (issue 9). Three parts, each under its own time
-# limit (about 8 minutes together), every log teed into $OUT (the device tool brings $OUT back):
-#   1. python -m pytest -q -m cuda tests          the CUDA-marked tests                      (limit 75 s)
-#   2. python -m pytest -q -m "not cuda" tests    the rest of the suite, on the GPU machine  (limit 120 s)
-#   3. python bench/gpu.py --json $OUT/gpu.json    the 7B benchmark, short table last         (limit 270 s)
+# The one prepared command for a machine with a GPU: the whole test suite and the GPU benchmarks in one call
+# of at most 8 minutes. Each part runs under its own time limit and tees its log into $OUT (the device tool
+# brings $OUT back; at most 8 files, so exactly these 7):
+#   env.log                       GPU, driver, torch, and which packages import
+#   pytest_cuda.log, pytest_rest.log   python -m pytest -m cuda / -m "not cuda" tests, side by side (limit 110 s)
+#   bench.log, gpu.json           python bench/gpu.py, the 7B story (limit 230 s, --budget-s 205)
+#   context.log, context.json     python bench/gpu.py --only context, longest context under 24 GiB (limit 120 s)
+# The limits can be changed with LIMIT_TESTS, LIMIT_BENCH and LIMIT_CONTEXT (seconds); the tables come last.
 #
-# Here first (no GPU needed), once per checkout:
+# Here first (no GPU needed), once per checkout, from any environment that has bitsandbytes installed:
 #     bash bench/run_device.sh --prepare
 # copies into .whl/site (git-ignored, so it travels only when carried) what the device image lacks:
-# bitsandbytes for the baseline (trimmed to the one CUDA library that image's torch loads, ~5 MB instead of
-# 125 MB) and gguf for the suite. Then the device tool:
-#     run(command="bash bench/run_device.sh", carry=[".whl"], timeout_s=560)
-# Without a device the script still runs (the bench falls back to its tiny CPU shape): a dry run of itself.
+# bitsandbytes for the baseline rows, trimmed to the native library for the device's CUDA 13.0 torch
+# (libbitsandbytes_cuda130.so, ~4 MB of its ~125 MB) plus the CPU one, and gguf for the suite. bitsandbytes
+# is looked for in the current python (${PYTHON:-python3}: an activated venv), then in $BNB_PYTHON; gguf in
+# the current python, then $GGUF_PYTHON. BNB_CUDA=132 keeps another CUDA build's library. Then the device tool:
+#     run(command="bash bench/run_device.sh", carry=[".whl"], timeout_s=540)
+# Without a GPU the script still runs (the bench falls back to its tiny CPU shape): a dry run of itself.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+
+# which of the given interpreters has `name` installed: the first that does, or nothing
+find_python() {
+    local name=$1; shift
+    for candidate in "$@"; do
+        [ -n "$candidate" ] || continue
+        command -v "$candidate" >/dev/null 2>&1 || [ -x "$candidate" ] || continue
+        if "$candidate" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('$name') is None)" 2>/dev/null; then
+            echo "$candidate"
+            return 0
+        fi
+    done
+    return 1
+}
 
 if [ "${1:-}" = "--prepare" ]; then
-    # Which interpreter has each package installed (refvenv: transformers/peft/bitsandbytes; .venv: gguf),
-    # and which of bitsandbytes' CUDA libraries to keep: the device's torch is a CUDA 13.0 build.
-    BNB_PYTHON=${BNB_PYTHON:-/work/refvenv/bin/python}
-    GGUF_PYTHON=${GGUF_PYTHON:-.venv/bin/python}
     BNB_CUDA=${BNB_CUDA:-130}
-    rm -rf .whl/site && mkdir -p .whl/site || exit 1
+    bnb_python=$(find_python bitsandbytes "$PY" "${BNB_PYTHON:-}") || {
+        echo "--prepare: bitsandbytes is not installed for $(command -v "$PY" || echo "$PY")${BNB_PYTHON:+ nor for $BNB_PYTHON}." >&2
+        echo "  Activate an environment that has it (pip install bitsandbytes), or point BNB_PYTHON at its python:" >&2
+        echo "  BNB_PYTHON=/path/to/venv/bin/python bash bench/run_device.sh --prepare" >&2
+        exit 1
+    }
+    gguf_python=$(find_python gguf "$PY" "${GGUF_PYTHON:-}") || gguf_python=""
+    rm -rf .whl/site.new && mkdir -p .whl/site.new || exit 1  # swapped in once complete
+    # copy one installed package (and its dist-info: transformers checks bitsandbytes' version through the
+    # metadata), leaving out bytecode and every native library of the package but the ones named to keep
     copy_pkg='
 import importlib.metadata, importlib.util, pathlib, shutil, sys
-name, dest, keep_lib = sys.argv[1], pathlib.Path(sys.argv[2]), sys.argv[3]
-spec = importlib.util.find_spec(name)
-if spec is None:
-    sys.exit(f"--prepare: {name} is not installed for {sys.executable}; install it there or set the *_PYTHON variable")
-src = pathlib.Path(spec.origin).parent
-def ignore(folder, names):  # bytecode, and every native library but the one the device loads
-    return [n for n in names if n == "__pycache__" or (n.startswith("lib" + name + "_") and n != keep_lib)]
+name, dest, keep = sys.argv[1], pathlib.Path(sys.argv[2]), set(sys.argv[3:])
+src = pathlib.Path(importlib.util.find_spec(name).origin).parent
+libs = sorted(p.name for p in src.glob(f"lib{name}_*"))
+missing = [k for k in keep if k not in libs]
+if libs and missing:
+    sys.exit(f"--prepare: {src} has no {missing[0]} (it has {libs}); another bitsandbytes version, or BNB_CUDA=..., "
+             "picks one the device can load (its torch is a CUDA 13.0 build)")
+def ignore(folder, names):
+    return [n for n in names if n == "__pycache__" or n.endswith(".pyc") or (n.startswith(f"lib{name}_") and n not in keep)]
 shutil.copytree(src, dest / name, ignore=ignore)
-dist = importlib.metadata.distribution(name)  # transformers checks the version through the metadata
-shutil.copytree(dist._path, dest / dist._path.name)
-print(f"{name} {dist.version}: {src} -> {dest / name}")
+dist = importlib.metadata.distribution(name)
+shutil.copytree(dist._path, dest / pathlib.Path(dist._path).name)
+kept = sorted(keep & set(libs)) or ["none"]
+print(f"{name} {dist.version} from {src} ({sys.executable}) -> {dest / name}; native libraries kept: {kept}")
 '
-    "$BNB_PYTHON" -c "$copy_pkg" bitsandbytes .whl/site "libbitsandbytes_cuda${BNB_CUDA}.so" || exit 1
-    "$GGUF_PYTHON" -c "$copy_pkg" gguf .whl/site none || exit 1
-    du -sh .whl
+    "$bnb_python" -c "$copy_pkg" bitsandbytes .whl/site.new "libbitsandbytes_cuda${BNB_CUDA}.so" libbitsandbytes_cpu.so || exit 1
+    if [ -n "$gguf_python" ]; then
+        "$gguf_python" -c "$copy_pkg" gguf .whl/site.new || exit 1
+    else
+        echo "--prepare: warning: gguf is not installed for $PY${GGUF_PYTHON:+ nor $GGUF_PYTHON}; the device image" \
+             "lacks it too, so the suite's GGUF tests will fail there (pip install gguf, or set GGUF_PYTHON)" >&2
+    fi
+    rm -rf .whl/site && mv .whl/site.new .whl/site || exit 1
+    if git rev-parse --git-dir >/dev/null 2>&1 && ! git check-ignore -q .whl/site; then
+        echo "--prepare: warning: .whl is not git-ignored; add /.whl/ to .gitignore or .git/info/exclude" >&2
+    fi
+    du -sh .whl/site
+    echo 'now: run(command="bash bench/run_device.sh", carry=[".whl"], timeout_s=540)'
     exit 0
 fi
 
 OUT=${OUT:-$PWD/bench/out}
 mkdir -p "$OUT"
+LIMIT_TESTS=${LIMIT_TESTS:-110}
+LIMIT_BENCH=${LIMIT_BENCH:-230}
+LIMIT_CONTEXT=${LIMIT_CONTEXT:-120}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONDONTWRITEBYTECODE=1
-PY=${PYTHON:-python3}
-# Carried packages: a prepared site folder, and/or wheels (installed the way the device README says).
+# Carried packages: the prepared site folder, and/or wheels (installed the way the device README says).
 if [ -d .whl/site ]; then export PYTHONPATH="$PWD/.whl/site${PYTHONPATH:+:$PYTHONPATH}"; fi
 if compgen -G ".whl/*.whl" >/dev/null; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -55,6 +95,8 @@ fi
 
 {
     date -u
+    [ -d .whl/site ] || echo "no .whl/site: bitsandbytes' rows will say 'not installed' unless the image has it" \
+                            "(here: bash bench/run_device.sh --prepare; then carry=[\".whl\"])"
     nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used,clocks.sm,clocks.max.sm --format=csv 2>&1
     "$PY" - <<'EOF'
 import importlib
@@ -68,25 +110,44 @@ if torch.cuda.is_available():
     p = torch.cuda.get_device_properties(0)
     print(f"{p.name} cc {p.major}.{p.minor} {p.total_memory / 2**30:.1f} GiB, {p.multi_processor_count} SMs")
 for name in ("transformers", "peft", "bitsandbytes", "accelerate", "gguf", "safetensors", "tokenizers",
-             "huggingface_hub", "jinja2", "pyarrow", "tqdm", "numpy", "triton"):
+             "huggingface_hub", "jinja2", "pyarrow", "tqdm", "numpy", "triton", "xdist"):
     try:
-        print(f"{name} {getattr(importlib.import_module(name), '__version__', '?')}")
+        mod = importlib.import_module(name)
+        print(f"{name} {getattr(mod, '__version__', '?')} {getattr(mod, '__file__', '')}")
     except Exception as e:  # noqa: BLE001
         print(f"{name} NOT IMPORTABLE: {e!r}"[:200])
 EOF
 } 2>&1 | tee "$OUT/env.log"
 [ "${PIPESTATUS[0]}" = 0 ] || exit 1
 
-timeout -k 10 75 "$PY" -m pytest -q -rfEs -p no:cacheprovider -m cuda tests 2>&1 | tee "$OUT/pytest_cuda.log"
-rc_cuda=${PIPESTATUS[0]}
-timeout -k 10 120 "$PY" -m pytest -q -rfE -p no:cacheprovider -m "not cuda" tests 2>&1 | tee "$OUT/pytest_rest.log"
-rc_rest=${PIPESTATUS[0]}
-timeout -k 10 270 "$PY" bench/gpu.py --json "$OUT/gpu.json" 2>&1 | tee "$OUT/bench.log"
-rc_bench=${PIPESTATUS[0]}
+# The two halves of the suite side by side (neither is timed); pytest-xdist spreads each over cores if present.
+xdist_cuda="" xdist_rest=""
+if "$PY" -c "import xdist" 2>/dev/null; then
+    cores=$(nproc 2>/dev/null || echo 2)
+    if [ "$cores" -ge 8 ]; then xdist_cuda="-n 4" xdist_rest="-n $((cores / 2))"; fi
+fi
+timeout -k 10 "$LIMIT_TESTS" "$PY" -m pytest -q -rfEs -p no:cacheprovider $xdist_cuda -m cuda tests \
+    >"$OUT/pytest_cuda.log" 2>&1 &
+pid_cuda=$!
+timeout -k 10 "$LIMIT_TESTS" "$PY" -m pytest -q -rfE -p no:cacheprovider $xdist_rest -m "not cuda" tests \
+    >"$OUT/pytest_rest.log" 2>&1 &
+pid_rest=$!
+wait "$pid_cuda"; rc_cuda=$?
+wait "$pid_rest"; rc_rest=$?
 
-echo "== run_device.sh exit codes (124: hit its time limit): pytest -m cuda $rc_cuda, rest $rc_rest, bench $rc_bench"
-tail -n 3 "$OUT/pytest_cuda.log" | sed 's/^/  cuda tests: /'
-tail -n 3 "$OUT/pytest_rest.log" | sed 's/^/  rest:       /'
-# the bench's table again, so it is the last thing the reply shows
+timeout -k 10 "$LIMIT_BENCH" "$PY" bench/gpu.py --json "$OUT/gpu.json" --budget-s $((LIMIT_BENCH - 25)) 2>&1 \
+    | grep --line-buffered -v '^USDT:' | tee "$OUT/bench.log"
+rc_bench=${PIPESTATUS[0]}
+timeout -k 10 "$LIMIT_CONTEXT" "$PY" bench/gpu.py --only context --json "$OUT/context.json" \
+    --budget-s $((LIMIT_CONTEXT - 25)) 2>&1 | grep --line-buffered -v '^USDT:' | tee "$OUT/context.log"
+rc_context=${PIPESTATUS[0]}
+
+echo "== run_device.sh exit codes (124: hit its time limit): pytest -m cuda $rc_cuda, rest $rc_rest," \
+     "bench $rc_bench, context $rc_context"
+grep -E "^(FAILED|ERROR) " "$OUT/pytest_cuda.log" "$OUT/pytest_rest.log" | head -n 20
+tail -n 2 "$OUT/pytest_cuda.log" | sed 's/^/  cuda tests: /'
+tail -n 2 "$OUT/pytest_rest.log" | sed 's/^/  rest:       /'
+# the tables again, so they are the last thing the reply shows
 sed -n '/^== bench\/gpu.py/,$p' "$OUT/bench.log"
-[ "$rc_cuda" = 0 ] && [ "$rc_rest" = 0 ] && [ "$rc_bench" = 0 ]
+sed -n '/^context, /,$p' "$OUT/context.log"
+[ "$rc_cuda" = 0 ] && [ "$rc_rest" = 0 ] && [ "$rc_bench" = 0 ] && [ "$rc_context" = 0 ]
