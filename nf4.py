@@ -85,15 +85,6 @@ FP4_THRESHOLDS = torch.tensor([0.00260417, 0.0859375, 0.20833333, 0.29166667, 0.
                               dtype=torch.float32)
 FP4_RANK_TO_CODE = torch.tensor([0, 1, 6, 7, 4, 5, 2, 3], dtype=torch.uint8)  # magnitude rank -> 3-bit code
 
-_CHUNK = {"cpu": 1 << 18}  # most elements per pass: L2-sized on CPU (measured), 1 << 24 on GPUs
-
-
-def _step(n: int, blocksize: int, device: torch.device, parts: int = 1) -> int:
-    """Elements per pass: whole blocks (so a multiple of 32), at most _CHUNK[device] and at most n / parts
-    (quantize uses 16 parts: its ~28 bytes of temporaries per element then stay below the input's size)."""
-    step = min(_CHUNK.get(device.type, 1 << 24), max(n // parts, 1 << 16))
-    return max(blocksize, step // blocksize * blocksize)
-
 
 def _check(quant_type: str, blocksize: int) -> None:
     if quant_type not in QUANT_TYPES:
@@ -113,23 +104,7 @@ def encode_reference(x: torch.Tensor, quant_type: str = "nf4") -> torch.Tensor:
     return code.masked_fill(x.isnan(), 0).to(torch.uint8)  # every comparison with NaN is false
 
 
-_TABLES = {}
-
-
-def _encode_tables(quant_type: str, device: torch.device):
-    """Bin tables (double_quant.encode_tables) equal to encode_reference for every float32. The boundaries
-    are written so that x > b is the upper side: NF4 ties go down (b = t); FP4's negative side counts
-    x < -c, so its ties go toward zero (b = the float just below -c), and x < 0 sets the sign bit."""
-    key = (quant_type, str(device))
-    if key not in _TABLES:
-        if quant_type == "nf4":
-            bounds = NF4_THRESHOLDS
-        else:
-            below = lambda v: torch.nextafter(v, torch.full_like(v, -float("inf")))  # noqa: E731
-            bounds = torch.cat([below(-FP4_THRESHOLDS), below(torch.zeros(1)), FP4_THRESHOLDS]).sort().values
-        _TABLES[key] = encode_tables(lambda v: encode_reference(v, quant_type), bounds, device)
-    return _TABLES[key]
-
+# ---- quantize / dequantize ---------------------------------------------------------------------------------
 
 def quantize_4bit(x: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4"):
     """Blockwise 4-bit quantization of a float32/bfloat16/float16 tensor of any shape (flattened row-major).
@@ -154,23 +129,6 @@ def quantize_4bit(x: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4")
         nbytes = (part.numel() + 1) // 2
         torch.add(pairs[:nbytes, 1], pairs[:nbytes, 0], alpha=16, out=packed[start // 2:start // 2 + nbytes, 0])
     return packed, absmax
-
-
-_DECODE = {}
-
-
-def _decode_table(quant_type: str, device: torch.device) -> torch.Tensor:
-    """[65536, 4] float32: the 4 code values of each packed int16 word (row = int16 value + 32768)."""
-    key = (quant_type, str(device))
-    if key not in _DECODE:
-        if sys.byteorder != "little":
-            raise RuntimeError("dequantize_4bit's int16 table assumes a little-endian machine")
-        # FP4 code 8 -> +0.0 as in the fixtures and bitsandbytes' torch path (its CUDA tree would give -0.0)
-        values = NF4_CODE if quant_type == "nf4" else FP4_CODE
-        word = torch.arange(-32768, 32768, dtype=torch.int64) & 0xFFFF
-        b0, b1 = word & 0xFF, word >> 8  # little-endian: the first byte is the low one
-        _DECODE[key] = values[torch.stack([b0 >> 4, b0 & 15, b1 >> 4, b1 & 15], 1)].to(device)  # (65536, 4)
-    return _DECODE[key]
 
 
 def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, shape, blocksize: int = 64,
@@ -253,6 +211,8 @@ def _dequantize(weight, absmax, nested_absmax, nested_offset, meta, dtype):
             _compiled_dequantize = False
     return dequantize_4bit(weight, absmax, shape, blocksize, quant_type, dtype)
 
+
+# ---- the frozen 4-bit linear -------------------------------------------------------------------------------
 
 class _Linear4bitFunction(torch.autograd.Function):
     """y = x W^T + b with W dequantized on the fly. Saves only the packed codes and constants (uint8 and a
@@ -459,6 +419,8 @@ class Linear4bit(nn.Module):
         self._assign(state, device=None if self.weight.is_meta else self.weight.device)
 
 
+# ---- bitsandbytes / transformers checkpoint layout ---------------------------------------------------------
+
 def quant_state_json(quant_type, blocksize, dtype, shape, nested_offset=None, nested_blocksize=NESTED_BLOCKSIZE):
     """The JSON blob bitsandbytes stores (as uint8) under `weight.quant_state.bitsandbytes__<type>`:
     json.dumps defaults, this key order; the offset is the exact double of the float32 (shortest repr)."""
@@ -534,3 +496,50 @@ def _parse_quantized(tensors: dict, where: str) -> dict:
     return {"quant_type": quant_type, "blocksize": blocksize, "dtype": dtype, "shape": shape,
             "weight": packed[:nbytes].reshape(nbytes, 1), "absmax": absmax, "nested_absmax": nested_absmax,
             "nested_offset": nested_offset, "nested_blocksize": nested_blocksize}
+
+
+# ---- speed: large lookup tables and cache-sized passes (CPU) -----------------------------------------------
+
+_CHUNK = {"cpu": 1 << 18}  # most elements per pass: L2-sized on CPU (measured), 1 << 24 on GPUs
+
+
+def _step(n: int, blocksize: int, device: torch.device, parts: int = 1) -> int:
+    """Elements per pass: whole blocks (so a multiple of 32), at most _CHUNK[device] and at most n / parts
+    (quantize uses 16 parts: its ~28 bytes of temporaries per element then stay below the input's size)."""
+    step = min(_CHUNK.get(device.type, 1 << 24), max(n // parts, 1 << 16))
+    return max(blocksize, step // blocksize * blocksize)
+
+
+_TABLES = {}
+
+
+def _encode_tables(quant_type: str, device: torch.device):
+    """Bin tables (double_quant.encode_tables) equal to encode_reference for every float32. The boundaries
+    are written so that x > b is the upper side: NF4 ties go down (b = t); FP4's negative side counts
+    x < -c, so its ties go toward zero (b = the float just below -c), and x < 0 sets the sign bit."""
+    key = (quant_type, str(device))
+    if key not in _TABLES:
+        if quant_type == "nf4":
+            bounds = NF4_THRESHOLDS
+        else:
+            below = lambda v: torch.nextafter(v, torch.full_like(v, -float("inf")))  # noqa: E731
+            bounds = torch.cat([below(-FP4_THRESHOLDS), below(torch.zeros(1)), FP4_THRESHOLDS]).sort().values
+        _TABLES[key] = encode_tables(lambda v: encode_reference(v, quant_type), bounds, device)
+    return _TABLES[key]
+
+
+_DECODE = {}
+
+
+def _decode_table(quant_type: str, device: torch.device) -> torch.Tensor:
+    """[65536, 4] float32: the 4 code values of each packed int16 word (row = int16 value + 32768)."""
+    key = (quant_type, str(device))
+    if key not in _DECODE:
+        if sys.byteorder != "little":
+            raise RuntimeError("dequantize_4bit's int16 table assumes a little-endian machine")
+        # FP4 code 8 -> +0.0 as in the fixtures and bitsandbytes' torch path (its CUDA tree would give -0.0)
+        values = NF4_CODE if quant_type == "nf4" else FP4_CODE
+        word = torch.arange(-32768, 32768, dtype=torch.int64) & 0xFFFF
+        b0, b1 = word & 0xFF, word >> 8  # little-endian: the first byte is the low one
+        _DECODE[key] = values[torch.stack([b0 >> 4, b0 & 15, b1 >> 4, b1 & 15], 1)].to(device)  # (65536, 4)
+    return _DECODE[key]
