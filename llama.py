@@ -32,6 +32,7 @@ H query heads, K key/value heads, D head dim, F intermediate size, V vocab.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -43,6 +44,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import hf_checkpoint
+from offload import OffloadedCheckpoints
 # TEMPORARY aliases while train.py and bench/quality.py (being rewritten) still call them through llama;
 # their owner is hf_checkpoint.py. Remove this line once those two import hf_checkpoint.
 from hf_checkpoint import checkpoint_files, resolve_checkpoint  # noqa: F401
@@ -324,7 +326,8 @@ class Llama(nn.Module):
         super().__init__()
         self.config = config
         self.name_or_path = ""
-        self.gradient_checkpointing = False
+        self.gradient_checkpointing = False  # recompute each decoder layer in backward (training only)
+        self.offload_activations = False  # with checkpointing: keep the layer inputs in CPU memory (offload.py)
         self.model = nn.ModuleDict(dict(
             embed_tokens=nn.Embedding(config.vocab_size, config.hidden_size),
             layers=nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers)),
@@ -383,11 +386,15 @@ class Llama(nn.Module):
         elif attention_mask is not None or (past > 0 and T > 1):
             mask = self._attention_mask(attention_mask, past, T, device)
 
+        checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None
+        offload = OffloadedCheckpoints() if checkpointing and self.offload_activations else None
         for layer in self.model.layers:
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None:
+            if checkpointing:
                 # non-reentrant: works when no input requires grad (frozen embeddings, LoRA-only params)
-                # and keeps only the layer input; the layer is run again during backward
-                x = checkpoint(layer, x, cos, sin, mask, None, docs, use_reentrant=False)
+                # and keeps only the layer input (in CPU memory when offloading); the layer runs again
+                # during backward
+                with offload.layer_input(x) if offload else contextlib.nullcontext():
+                    x = checkpoint(layer, x, cos, sin, mask, None, docs, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, mask, cache, docs)
         if cache is not None:

@@ -194,3 +194,99 @@ def test_short_calls_take_the_plain_path():
         mlp_chunks(model, None)
         assert torch.equal(model(ids), default)
     assert llama.MLP(model.config).chunk_size >= 8192
+
+
+# ----------------------------------------------------------------------------------------------------
+# checkpointed layer inputs offloaded to CPU memory
+
+
+def train_grads(model, ids, pos=None):
+    model.train()
+    loss = model(ids, position_ids=pos).float().logsumexp(-1).mean()
+    params = [p for p in model.parameters() if p.requires_grad]
+    return loss.detach(), torch.autograd.grad(loss, params)
+
+
+@pytest.mark.parametrize("trainable", ["lora_like", "all"])
+def test_offloaded_checkpoints_give_identical_gradients(trainable, monkeypatch):
+    """Offloading only moves copies of the layer inputs, so loss and gradients are bit-identical to plain
+    checkpointing, whether the layer inputs require grad (every weight trains) or not (LoRA-like). Every
+    layer's input is offloaded once and fetched back before its recompute, the one below it while the
+    layer above is backpropagated: the CPU path runs the same bookkeeping as the CUDA one."""
+    import offload
+    events = []
+    real_offload, real_unpack, real_fetch = (offload.OffloadedCheckpoints._offload,
+                                             offload.OffloadedCheckpoints._unpack, offload.OffloadedCheckpoints._fetch)
+    monkeypatch.setattr(offload.OffloadedCheckpoints, "_offload",
+                        lambda self, t: events.append("offload") or real_offload(self, t))
+    monkeypatch.setattr(offload.OffloadedCheckpoints, "_unpack",
+                        lambda self, p: events.append(("unpack", p.index if isinstance(p, offload._Saved) else None))
+                        or real_unpack(self, p))
+    monkeypatch.setattr(offload.OffloadedCheckpoints, "_fetch",
+                        lambda self, e: events.append(("fetch", e.index)) or real_fetch(self, e))
+    ids, pos = packed_batch()
+    results = {}
+    for offloading in (False, True):
+        model = load()
+        if trainable == "lora_like":
+            lora_like(model)
+        mlp_chunks(model, CHUNK)  # the chunk checkpoints nest inside the offloaded layer checkpoints
+        model.gradient_checkpointing, model.offload_activations = True, offloading
+        results[offloading] = train_grads(model, ids, pos)
+    (loss, grads), (loss_off, grads_off) = results[False], results[True]
+    assert torch.equal(loss_off, loss)
+    assert len(grads) == len(grads_off) > 0
+    assert all(torch.equal(a, b) for a, b in zip(grads_off, grads))
+    offloaded = [e for e in events if e == "offload"]
+    moved = [e for e in events if e != "offload" and e[1] is not None]
+    assert len(offloaded) == 2  # one input per decoder layer
+    # backward reaches layer 1 first: its input comes back then, and layer 0's starts back at once, before
+    # layer 1's recompute and backward run (not only when layer 0's recompute asks for it)
+    assert moved == [("unpack", 1), ("fetch", 1), ("fetch", 0), ("unpack", 0)]
+
+
+def test_offload_needs_checkpointing_and_training():
+    """Without gradient checkpointing (or in eval/no_grad) there is no checkpointed input to move: the
+    flag changes nothing."""
+    ids, _ = packed_batch()
+    model = load()
+    model.offload_activations = True
+    loss, grads = train_grads(model, ids)
+    model.offload_activations = False
+    loss_plain, grads_plain = train_grads(model, ids)
+    assert torch.equal(loss, loss_plain) and all(torch.equal(a, b) for a, b in zip(grads, grads_plain))
+
+
+def cuda_model(layers=8, hidden=512):
+    """A random Llama big enough for activations to show in CUDA memory (bf16)."""
+    cfg = llama.LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=8,
+                            num_key_value_heads=4, intermediate_size=1408, vocab_size=512)
+    torch.manual_seed(0)
+    return llama.Llama(cfg).to(device="cuda", dtype=torch.bfloat16)
+
+
+@pytest.mark.cuda
+def test_cuda_offload_frees_the_layer_inputs_and_keeps_gradients():
+    """On the GPU: the side-stream copies give bit-identical gradients, and after the forward the layer
+    inputs no longer occupy GPU memory (plain checkpointing keeps L of them: L * B * T * C * 2 bytes)."""
+    model = cuda_model()
+    B, T, C, L = 1, 4096, 512, 8
+    ids = torch.randint(0, 512, (B, T), generator=torch.Generator().manual_seed(0))
+    model.gradient_checkpointing = True
+    model.train()
+    kept, grads = {}, {}
+    for offloading in (False, True):
+        model.offload_activations = offloading
+        model.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        hidden = model.hidden_states(ids)
+        torch.cuda.synchronize()
+        torch.empty(1, device="cuda")  # lets the allocator process the side stream's finished events
+        kept[offloading] = torch.cuda.memory_allocated() - base
+        model.lm_head(hidden).float().logsumexp(-1).mean().backward()
+        torch.cuda.synchronize()
+        grads[offloading] = [p.grad.clone() for p in model.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(grads[True], grads[False]))
+    layer_input = B * T * C * 2
+    assert kept[False] - kept[True] >= (L - 1) * layer_input, (kept, layer_input)
