@@ -47,6 +47,7 @@ import torch
 from tqdm import tqdm
 
 import distributed
+import hf_checkpoint
 import llama
 import lora
 import nf4
@@ -205,8 +206,8 @@ def setup(cfg):
     cfg.dtype = resolve_dtype(cfg.dtype, cfg.device)
     if cfg.fsdp and cfg.dtype == "float16":  # each rank would find overflows in its own shard only
         raise ValueError("--fsdp trains in bfloat16 or float32, not float16 (its loss scaling is per shard)")
-    model_dir = llama.resolve_checkpoint(cfg.model, revision=cfg.revision)
-    llama.checkpoint_files(model_dir)  # a directory without weights fails here, not after the data is read
+    model_dir = hf_checkpoint.resolve_checkpoint(cfg.model, revision=cfg.revision)
+    hf_checkpoint.checkpoint_files(model_dir)  # a directory without weights fails here, not after the data is read
     if Path(cfg.model).expanduser().is_dir():
         cfg.model = str(Path(cfg.model).expanduser().resolve())  # adapter_config's base path must outlive cwd
     tokenizer = Tokenizer.from_dir(model_dir)
