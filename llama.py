@@ -23,6 +23,11 @@ weights in one tensor at a time, quantizing each linear weight on arrival so the
 in memory (QLoRA, arXiv:2305.14314 §3). The tokenizer and chat template are in tokenizer.py, sampling and
 generation in generate.py.
 
+Long context: no activation grows with T^2, nor with T x F beyond a chunk. Causal attention runs in SDPA's
+flash/efficient kernels; packed rows (position_ids restarting at 0, no mask) attend document by document
+(`packed_attention`, no (T, T) mask); the MLP runs in chunks of `MLP.chunk_size` tokens; under
+`gradient_checkpointing` a layer keeps only its input, which `offload_activations` parks in CPU memory.
+
 The model classes know nothing of quantization or LoRA: those replace `nn.Linear` modules afterwards.
 Left out on purpose: dropout (0 in every Llama), other rope types (yarn, longrope), `.bin` and 8-bit
 checkpoints, tensor parallelism.
@@ -45,8 +50,8 @@ from torch.utils.checkpoint import checkpoint
 
 import hf_checkpoint
 from offload import OffloadedCheckpoints
-# TEMPORARY aliases while train.py and bench/quality.py (being rewritten) still call them through llama;
-# their owner is hf_checkpoint.py. Remove this line once those two import hf_checkpoint.
+# TEMPORARY alias while bench/quality.py (being written) still calls checkpoint_files through llama; the
+# owner is hf_checkpoint.py. Remove this line once it imports hf_checkpoint.
 from hf_checkpoint import checkpoint_files, resolve_checkpoint  # noqa: F401
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
