@@ -466,41 +466,57 @@ def rank_batch(rows, examples, pad_id, packing):
     return batch
 
 
-def train_step(model, micro, scaler, step):
-    """Forward and backward over one optimizer step's micro-batches; returns the step's loss (its mean
-    over the step's supervised tokens). Each micro-batch's summed loss is divided by the token count of
-    the whole step, so the accumulated gradient is that of one big batch (module docstring)."""
+def train_step(model, micro, scaler):
+    """Forward and backward over one optimizer step's micro-batches; returns this rank's part of the
+    step's loss (its mean over the step's supervised tokens) as a float64 device scalar, not read here:
+    the host queues the whole step without waiting for the device. Each micro-batch's summed loss is
+    divided by the token count of the whole step, so the accumulated gradient is that of one big batch."""
+    # counted where collate built the targets, on the CPU (on the device, int() would wait for it)
     n_local = sum(int((b["targets"] != IGNORE).sum()) for b in micro)
     n_targets = distributed.sum_across([n_local])[0]  # torchrun: the whole global batch (distributed.py)
-    loss_sum = 0.0
+    total = None
     for batch in micro:
         loss, _ = lm_loss_sum(model, batch)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"the loss became {loss.item()} at step {step + 1}; stopping "
-                                     "(try a lower --lr, --dtype bfloat16/float32, or check the data)")
         loss = loss / n_targets
         scaler.scale(loss).backward()  # scaled only for fp16 (a disabled GradScaler returns loss itself)
-        loss_sum += loss.item()
-    return distributed.sum_across([loss_sum])[0]
+        part = loss.detach().double()  # float64: summed as exactly as Python floats would be
+        total = part if total is None else total + part
+    return total
 
 
-def optimizer_step(optimizer, scaler, lr, max_grad_norm, step, params):
+def read_loss(loss, grad_norm, step):
+    """The step's loss as a float: the one point where the host waits for the device, at logging, eval
+    and checkpoint steps only. A non-finite loss or gradient norm stops the run; NaN stays in the weights
+    once there, so a step between two reads is caught at the next one, before anything is saved."""
+    norm = loss.new_zeros(()) if grad_norm is None else grad_norm.to(loss.dtype)
+    value, norm = torch.stack([loss, norm]).tolist()  # one transfer for both
+    value = distributed.sum_across([value])[0]  # torchrun: every rank's part of the global batch
+    if not math.isfinite(value):
+        raise FloatingPointError(f"the loss became {value} at step {step}; stopping "
+                                 "(try a lower --lr, --dtype bfloat16/float32, or check the data)")
+    if not math.isfinite(norm):
+        raise FloatingPointError(f"the gradient norm became {norm} at step {step}")
+    return value
+
+
+def optimizer_step(optimizer, scaler, lr, max_grad_norm, params):
     """Clip the accumulated gradients of the trainable `params` to max_grad_norm, step the optimizer at
     `lr`, zero the gradients. Under torchrun the gradients are first summed over the ranks; under FSDP the
-    optimizer steps views of this rank's shards, while the norm is taken over the whole (sharded) params."""
+    optimizer steps views of this rank's shards, while the norm is taken over the whole (sharded) params.
+    Returns the norm before clipping (a device scalar; None without clipping), checked by read_loss."""
     distributed.reduce_grads(params, [p for group in optimizer.param_groups for p in group["params"]])
     for group in optimizer.param_groups:
         group["lr"] = lr
     scaler.unscale_(optimizer)  # fp16: clip the true gradients, not the scaled ones
+    grad_norm = None
     if max_grad_norm > 0:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-        if not scaler.is_enabled() and not torch.isfinite(grad_norm):
-            raise FloatingPointError(f"the gradient norm became {grad_norm.item()} at step {step + 1}")
     scaler.step(optimizer)  # fp16: skips the step if the gradients overflowed; else optimizer.step()
     scaler.update()  # fp16: adjust the loss scale
     optimizer.zero_grad(set_to_none=True)
     for p in params:  # FSDP: the sharded params' own gradients (the optimizer holds views)
         p.grad = None
+    return grad_norm
 
 
 @torch.no_grad()
@@ -526,37 +542,43 @@ def train(cfg, model, optimizer, scaler, state, examples, eval_examples, pad_id,
     bar = tqdm(total=total_steps, initial=state["step"], desc="train", dynamic_ncols=True, disable=not main_rank)
     model.train()
     started = time.perf_counter() - state["elapsed_s"]
+    window = (state["tokens"], time.perf_counter())  # tokens and time at the last log, for tok/s
     while state["step"] < total_steps:
-        t0 = time.perf_counter()
         # this step's micro-batches (the row order is a pure function of seed and epoch)
         micro = [rank_batch(rows, examples, pad_id, cfg.packing) for rows in order[state["batch"]]]
         # forward and backward over all of them, then one optimizer step at this step's lr
-        loss = train_step(model, micro, scaler, state["step"])
+        loss = train_step(model, micro, scaler)
         lr = cfg.lr * lr_factor(state["step"], total_steps, warmup_steps, cfg.lr_scheduler)
-        optimizer_step(optimizer, scaler, lr, cfg.max_grad_norm, state["step"], params)
+        grad_norm = optimizer_step(optimizer, scaler, lr, cfg.max_grad_norm, params)
         # advance the position in the data; a new epoch reshuffles
         state["step"] += 1
         state["batch"] += 1
         if state["batch"] == len(order):
             state["epoch"], state["batch"] = state["epoch"] + 1, 0
             order = batch_order(len(examples), global_batch, cfg.grad_accum, cfg.seed, state["epoch"])
-        tokens = int(distributed.sum_across([sum(b["tokens"] for b in micro)])[0])
-        state["tokens"] += tokens
-        state["elapsed_s"] = time.perf_counter() - started
-        # log (and evaluate on the held-out rows every --eval-every steps and at the end)
-        record = {"step": state["step"], "loss": loss, "lr": lr, "tokens": state["tokens"],
-                  "elapsed_s": round(state["elapsed_s"], 3)}
-        if eval_examples and ((cfg.eval_every and state["step"] % cfg.eval_every == 0)
-                              or state["step"] == total_steps):
-            record["eval_loss"] = eval_loss(model, eval_examples, cfg, pad_id)
-        if main_rank and (state["step"] % cfg.log_every == 0 or "eval_loss" in record or state["step"] == total_steps):
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / (time.perf_counter() - t0):.0f}",
-                        mem=f"{peak_memory_gb(cfg.device):.2f}G", refresh=False)
+        state["tokens"] += int(distributed.sum_across([sum(b["tokens"] for b in micro)])[0])
+        # log (evaluating every --eval-every steps) and checkpoint every --save-every steps, all at the end
+        last = state["step"] == total_steps
+        evaluate = eval_examples and ((cfg.eval_every and state["step"] % cfg.eval_every == 0) or last)
+        log = evaluate or last or state["step"] % cfg.log_every == 0
+        save = last or (cfg.save_every and state["step"] % cfg.save_every == 0)
+        if log or save:  # the only reads from the device: between them the host never waits for it
+            loss = read_loss(loss, None if scaler.is_enabled() else grad_norm, state["step"])  # fp16 may overflow
+        state["elapsed_s"] = time.perf_counter() - started  # host time; exact at a read, where the device is done
+        if log:
+            record = {"step": state["step"], "loss": loss, "lr": lr, "tokens": state["tokens"],
+                      "elapsed_s": round(state["elapsed_s"], 3)}
+            if evaluate:
+                record["eval_loss"] = eval_loss(model, eval_examples, cfg, pad_id)
+            if main_rank:
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            tok_s = (state["tokens"] - window[0]) / (time.perf_counter() - window[1])  # since the last log
+            window = (state["tokens"], time.perf_counter())
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}",
+                            mem=f"{peak_memory_gb(cfg.device):.2f}G", refresh=False)
         bar.update(1)
-        # checkpoint every --save-every steps and at the end
-        if state["step"] == total_steps or (cfg.save_every and state["step"] % cfg.save_every == 0):
+        if save:
             save_checkpoint(out_dir, state["step"], model, optimizer, scaler,
                             {**state, "total_steps": total_steps, "warmup_steps": warmup_steps,
                              "lr_scheduler": cfg.lr_scheduler, "config": dataclasses.asdict(cfg)},
