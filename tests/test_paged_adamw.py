@@ -12,6 +12,7 @@ from safetensors import safe_open
 import managed_memory
 import paged_adamw
 from conftest import BNB
+from double_quant import DYNAMIC_SIGNED, DYNAMIC_UNSIGNED, dequantize_blockwise, quantize_blockwise
 from test_managed_memory import pointer_is_managed
 from paged_adamw import BLOCKSIZE, PagedAdamW, PagedAdamW8bit, PagedAdamW32bit
 
@@ -174,10 +175,86 @@ def test_8bit_nonfinite_gradient_is_skipped_elementwise():
     state = opt.state[p]
     assert p[0, 5] == before[0, 5] and p[1, 7] == before[1, 7]  # not stepped, not decayed
     assert torch.isfinite(p).all() and torch.isfinite(state["absmax1"]).all() and torch.isfinite(state["absmax2"]).all()
-    m = paged_adamw.dequantize_blockwise(state["state1"].view(-1), state["absmax1"], paged_adamw.DYNAMIC_SIGNED)
-    v = paged_adamw.dequantize_blockwise(state["state2"].view(-1), state["absmax2"], paged_adamw.DYNAMIC_UNSIGNED)
+    m = dequantize_blockwise(state["state1"].view(-1), state["absmax1"], paged_adamw.DYNAMIC_SIGNED)
+    v = dequantize_blockwise(state["state2"].view(-1), state["absmax2"], paged_adamw.DYNAMIC_UNSIGNED)
     assert m.view(2, 256)[0, 5].abs() <= 1e-6 * state["absmax1"][0] and v.view(2, 256)[1, 7] == 0
     assert (p != before).float().mean() > 0.99  # everything else moved
+
+
+def reference_step_8bit(p: torch.Tensor, state: dict, group: dict):
+    """The 8-bit update one tensor at a time, through double_quant's public quantizer: paged_adamw's
+    implementation before it ran over flat runs of many tensors (it matches the bitsandbytes fixture)."""
+    f32 = paged_adamw._f32
+    b1, b2 = (f32(b) for b in group["betas"])
+    lr, eps, wd = f32(group["lr"]), f32(group["eps"]), f32(group["weight_decay"])
+    t = state["step"]
+    c1 = f32(1.0 - f32(b1 ** t))
+    c2 = f32(math.sqrt(f32(1.0 - f32(b2 ** t))))
+    step_size, eps_c2 = f32(f32(-lr * c2) / c1), f32(c2 * eps)
+    n = p.numel()
+    g = p.grad.reshape(-1).float()  # (n,)
+    m = dequantize_blockwise(state["state1"].view(-1), state["absmax1"], DYNAMIC_SIGNED)  # (n,)
+    v = dequantize_blockwise(state["state2"].view(-1), state["absmax2"], DYNAMIC_UNSIGNED)  # (n,)
+    v = v * b2 + g * f32(1.0 - b2) * g
+    m = m * b1 + g * f32(1.0 - b1)
+    finite = torch.isfinite(g)
+    m, v = torch.where(finite, m, 0.0), torch.where(finite, v, 0.0)
+    p32 = p.reshape(-1)  # (n,)
+    new = p32 + m / (v.sqrt() + eps_c2) * step_size
+    if wd > 0:
+        new = new * f32(1.0 - f32(lr * wd))
+    p.copy_(torch.where(finite, new, p32).view(p.shape))
+    m_lanes = m  # the kernel's lanes past n: state1 code 128 and gradient 0
+    if n % BLOCKSIZE:
+        m_lanes = torch.cat([m, (DYNAMIC_SIGNED[128] * state["absmax1"][-1] * b1).expand(BLOCKSIZE - n % BLOCKSIZE)])
+    q1, absmax1 = quantize_blockwise(m_lanes, DYNAMIC_SIGNED)
+    q2, absmax2 = quantize_blockwise(v, DYNAMIC_UNSIGNED)
+    q1 = q1[:n].long()
+    flip = torch.signbit(DYNAMIC_SIGNED[q1]) != torch.signbit(m)
+    q1 = torch.where(flip, (q1 + torch.where(m > 0, 1, -1)) & 255, q1)
+    for key, value in (("state1", q1), ("state2", q2), ("absmax1", absmax1), ("absmax2", absmax2)):
+        state[key].view(-1).copy_(value)
+
+
+@pytest.mark.parametrize("chunk_lanes", [1 << 18, 1024])  # 1024: many chunks, tensors longer than a chunk
+def test_8bit_flat_runs_equal_the_per_tensor_reference(monkeypatch, chunk_lanes):
+    # Many tensors in one flat run (tails of 1..255 lanes, a 1-element tensor, gradients with inf/NaN, a
+    # tail block whose m vanishes so the kernel's pad lanes decide its absmax, parameters that miss steps
+    # so their step counts differ): every byte of state and every parameter bit must equal the reference.
+    monkeypatch.setitem(paged_adamw.CHUNK_LANES, "cpu", chunk_lanes)
+    shapes = [(16, 576), (1,), (3, 257), (576, 16), (7, 300), (255,), (2, 256), (64, 80), (1, 5000)]
+    mine, ref = make_params(shapes), make_params(shapes)
+    group = dict(lr=2e-3, betas=(0.85, 0.995), eps=1e-6, weight_decay=0.05)
+    opt = PagedAdamW8bit(mine, min_8bit_size=0, **group)
+    ref_state = [dict(step=0, state1=torch.zeros(p.shape, dtype=torch.uint8), state2=torch.zeros(p.shape, dtype=torch.uint8),
+                      absmax1=torch.zeros(-(-p.numel() // BLOCKSIZE)), absmax2=torch.zeros(-(-p.numel() // BLOCKSIZE)))
+                 for p in ref]
+    for step in range(8):
+        skip = (1, 5) if step in (2, 3) else (4,) if step == 5 else ()
+        set_grads(step, mine, ref, skip=skip)
+        if step == 4:
+            for p in (mine[0], ref[0]):
+                p.grad[3, 7], p.grad[0, 0] = float("inf"), float("nan")
+        if step in (4, 5):  # the [3, 257]'s 3-lane tail block loses all its m: its pad lanes set the absmax
+            for p in (mine[2], ref[2]):
+                p.grad[2, -3:] = float("nan")
+        opt.step()
+        with torch.no_grad():
+            for i, (p, state) in enumerate(zip(ref, ref_state)):
+                if i not in skip:
+                    state["step"] += 1
+                    reference_step_8bit(p, state, group)
+        for i, (a, b) in enumerate(zip(mine, ref)):
+            assert torch.equal(a, b), f"step {step} parameter {i}"
+            for key in ("state1", "state2", "absmax1", "absmax2"):
+                assert torch.equal(opt.state[a][key], ref_state[i][key]), f"step {step} parameter {i} {key}"
+            assert opt.state[a]["step"] == ref_state[i]["step"]
+    assert len({id(opt._buckets[p][0]) for p in mine}) == 1  # one flat bucket for all nine
+
+
+def test_8bit_sign_of_a_code_is_its_index_below_127():
+    # adamw_8bit's sign fix reads the sign of DYNAMIC_SIGNED[q] as q < 127 (no table lookup)
+    assert torch.equal(torch.signbit(DYNAMIC_SIGNED), torch.arange(256) < 127)
 
 
 # ---------------------------------------------------------------------------------------------
