@@ -510,7 +510,7 @@ def optimizer_step(optimizer, scaler, lr, max_grad_norm, params):
     scaler.unscale_(optimizer)  # fp16: clip the true gradients, not the scaled ones
     grad_norm = None
     if max_grad_norm > 0:
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        grad_norm = distributed.clip_grad_norm_(params, max_grad_norm)  # FSDP: the norm over all shards
     scaler.step(optimizer)  # fp16: skips the step if the gradients overflowed; else optimizer.step()
     scaler.update()  # fp16: adjust the loss scale
     optimizer.zero_grad(set_to_none=True)
