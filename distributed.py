@@ -234,12 +234,24 @@ def load_in_turns(build, device: str, cpu_offload: bool = False) -> nn.Module:
     for turn in range(world_size()):
         if turn == rank():
             model = shard(build(), device, cpu_offload)
+            held = local_bytes(model)  # every rank reports (stderr: rank 0 alone has a stdout)
+            print(f"[rank {rank()}/{world_size()}] after loading, this rank holds: 4-bit base {held['4bit']:,} B, "
+                  f"other frozen {held['frozen']:,} B, adapters {held['trainable']:,} B", file=sys.stderr, flush=True)
         barrier()
     return model
 
 
 def is_sharded(model: nn.Module) -> bool:
     return isinstance(model, _fsdp()[1])
+
+
+def clip_grad_norm_(params: list, max_norm: float) -> torch.Tensor:
+    """torch.nn.utils.clip_grad_norm_, returning the norm as a plain tensor. Under FSDP2 torch takes the
+    norm over the sharded gradients as a DTensor (every rank's shard counts) and clips each shard by the
+    same global factor; full_tensor() finishes the norm's reduction for the caller."""
+    from torch.distributed.tensor import DTensor
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
 
 def optimizer_params(params: list) -> list:
