@@ -45,7 +45,10 @@ class OffloadedCheckpoints:
 
     def layer_input(self, x: torch.Tensor):
         """Hooks that offload `x` when the checkpoint saves it; anything else saved is kept as it is."""
-        return torch.autograd.graph.saved_tensors_hooks(lambda t: self._offload(t) if t is x else t,
+        # The graph keeps the hooks until backward, so they must not hold x itself (that would keep it on
+        # the GPU): they know it by id, which is unique while the caller's x is alive (inside the `with`).
+        target = id(x)
+        return torch.autograd.graph.saved_tensors_hooks(lambda t: self._offload(t) if id(t) == target else t,
                                                         self._unpack)
 
     def _offload(self, t: torch.Tensor) -> _Saved:

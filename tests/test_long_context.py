@@ -245,6 +245,27 @@ def test_offloaded_checkpoints_give_identical_gradients(trainable, monkeypatch):
     assert moved == [("unpack", 1), ("fetch", 1), ("fetch", 0), ("unpack", 0)]
 
 
+def test_offloaded_layer_inputs_are_not_kept():
+    """After the forward, nothing keeps the offloaded layer inputs themselves alive (on a GPU: their memory
+    is free), while plain checkpointing keeps every one of them for backward (the control)."""
+    import gc
+    import weakref
+    ids, _ = packed_batch()
+    for offloading in (False, True):
+        model = load()
+        lora_like(model)
+        model.gradient_checkpointing, model.offload_activations = True, offloading
+        model.train()
+        inputs = []
+        for layer in model.model.layers:
+            layer.register_forward_pre_hook(lambda m, args: inputs.append(weakref.ref(args[0])))
+        loss = model(ids).float().logsumexp(-1).mean()
+        gc.collect()
+        alive = [r() is not None for r in inputs]
+        assert alive == [not offloading] * 2, (offloading, alive)
+        loss.backward()
+
+
 def test_offload_needs_checkpointing_and_training():
     """Without gradient checkpointing (or in eval/no_grad) there is no checkpointed input to move: the
     flag changes nothing."""
