@@ -133,17 +133,22 @@ def nbytes(shape, qtype):
     return n // Q8_BLOCK * Q8_BLOCK_BYTES if qtype == Q.Q8_0 else n * TORCH_DTYPE[qtype].itemsize
 
 
-def quantize_q8_0(w):
-    """[R, C] float -> [R, C/32*34] uint8 Q8_0 bytes, bit-identical to ggml's reference quantizer."""
-    blocks = w.float().reshape(-1, Q8_BLOCK)                   # (R*C/32, 32)
-    d = blocks.abs().amax(dim=1, keepdim=True) / 127           # float32 scale, as ggml
-    x = blocks * torch.where(d == 0, 0.0, 1.0 / d)             # x * (1/d), not x / d: ggml's exact steps
-    a = x.abs()
-    # C roundf (ties away from zero) without floor(a + 0.5), which rounds twice just below .5
-    q = torch.sign(x) * (a.floor() + (2 * (a - a.floor())).floor())
-    packed = torch.cat([d.to(torch.float16).view(torch.uint8),  # (n_blocks, 2) little-endian fp16
-                        q.to(torch.int8).view(torch.uint8)], dim=1)  # (n_blocks, 34)
-    return packed.reshape(w.shape[0], -1)                      # (R, C/32*34)
+def quantize_q8_0(w, chunk=1 << 20):
+    """[R, C] float -> [R, C/32*34] uint8 Q8_0 bytes, bit-identical to ggml's reference quantizer. Rows go
+    through in chunks of ~`chunk` weights: the float32 temporaries stay a few MB, whatever the tensor."""
+    out = torch.empty(w.shape[0], w.shape[1] // Q8_BLOCK * Q8_BLOCK_BYTES, dtype=torch.uint8)
+    step = max(1, chunk // w.shape[1])
+    for i in range(0, w.shape[0], step):
+        blocks = w[i:i + step].float().reshape(-1, Q8_BLOCK)   # (rows*C/32, 32)
+        d = blocks.abs().amax(dim=1, keepdim=True) / 127       # float32 scale, as ggml
+        x = blocks * torch.where(d == 0, 0.0, 1.0 / d)         # x * (1/d), not x / d: ggml's exact steps
+        a = x.abs()
+        # C roundf (ties away from zero) without floor(a + 0.5), which rounds twice just below .5
+        q = torch.sign(x) * (a.floor() + (2 * (a - a.floor())).floor())
+        packed = torch.cat([d.to(torch.float16).view(torch.uint8),       # (n_blocks, 2) little-endian fp16
+                            q.to(torch.int8).view(torch.uint8)], dim=1)  # (n_blocks, 34)
+        out[i:i + step] = packed.view(-1, out.shape[1])        # (rows, C/32*34)
+    return out
 
 
 def encode(tensor, qtype):
