@@ -194,6 +194,7 @@ def test_q8_0_bytes_equal_gguf_quants():
     for w in rows:
         want = gguf.quants.quantize(w.numpy(), Q.Q8_0)
         assert np.array_equal(gguf_export.quantize_q8_0(w).numpy(), want)
+        assert np.array_equal(gguf_export.quantize_q8_0(w, chunk=300).numpy(), want)  # row by row
         assert want.shape == (w.shape[0], w.shape[1] // 32 * 34)
 
 
@@ -220,6 +221,28 @@ def test_keys_value_types_and_tensor_names_match_llama_cpp(tmp_path, smollm2):
     for name, (qtype, dims, _) in tensors.items():  # norms F32 in both, every matrix in a 16-bit or quantized type
         assert (qtype == Q.F32) == (real_tensors[name][0] == Q.F32), name
         assert len(dims) == len(real_tensors[name][1]), name
+
+
+def test_smollm2_metadata_survives_gguf_to_hf_to_gguf(tmp_path, smollm2):
+    """The real file's hyperparameters and tokenizer (49152 tokens, 48900 merges, pre "smollm", chat
+    template, special ids), read into a HF snapshot by gguf_convert and written again by us, come back
+    value for value: only the model card, the name and the file type (its Q4_1 vs our F16) differ."""
+    real, tensors, _, _ = smollm2
+    meta = {k: v for k, (_, _, v) in real.items()}
+    model = tmp_path / "smollm2"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(gguf_convert.hf_config(meta, set(tensors))))
+    gguf_convert.build_tokenizer(meta).save(str(model / "tokenizer.json"))
+    files = gguf_convert.tokenizer_files(meta)
+    (model / "tokenizer_config.json").write_text(json.dumps(files["tokenizer_config"]))
+    (model / "generation_config.json").write_text(json.dumps(files["generation_config"]))
+    (model / "chat_template.jinja").write_text(files["chat_template"], encoding="utf-8")
+    mine, _, _, _ = scan_gguf(gguf_export.write_gguf(tmp_path / "m.gguf", model, [], None))
+    # gguf_convert's tokenizer_config.json states add_eos_token: false, which llama.cpp also writes as a key
+    assert mine.pop("tokenizer.ggml.add_eos_token") == (V.BOOL, None, False)
+    assert set(mine) == set(real) - MODEL_CARD_KEYS
+    for key in set(mine) - {"general.name", "general.file_type"}:
+        assert mine[key] == real[key], key
 
 
 def test_scanner_agrees_with_gguf_reader(exported):
