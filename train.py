@@ -206,6 +206,9 @@ def setup(cfg):
     cfg.dtype = resolve_dtype(cfg.dtype, cfg.device)
     if cfg.fsdp and cfg.dtype == "float16":  # each rank would find overflows in its own shard only
         raise ValueError("--fsdp trains in bfloat16 or float32, not float16 (its loss scaling is per shard)")
+    if cfg.fsdp_cpu_offload and not (cfg.fsdp and cfg.device == "cuda"):
+        raise ValueError("--fsdp-cpu-offload keeps FSDP's shards in host RAM instead of GPU memory: it needs --fsdp "
+                         "on CUDA")
     model_dir = hf_checkpoint.resolve_checkpoint(cfg.model, revision=cfg.revision)
     hf_checkpoint.checkpoint_files(model_dir)  # a directory without weights fails here, not after the data is read
     if Path(cfg.model).expanduser().is_dir():
