@@ -101,9 +101,11 @@ class TrainConfig:
     epochs: int = _flag(1, "passes over the data when --max-steps is 0")
     packing: bool = _flag(False, "pack rows into --seq-len blocks (no attention across rows)")
     gradient_checkpointing: bool = _flag(True, "recompute each decoder layer in backward instead of storing it")
-    compile: str = _flag("auto", "dequantize the frozen 4-bit weights through torch.compile (one fused kernel); "
-                                 "auto: on for CUDA, off on the CPU, where eager is as fast",
-                         choices=["auto", "on", "off"])
+    offload_activations: bool = _flag(False, "with gradient checkpointing: keep each layer's saved input in CPU "
+                                             "memory, not on the GPU (long context; see llama.py)")
+    compile: str = _flag("auto", "torch.compile each decoder layer, 4-bit dequantize included, into a few fused "
+                                 "kernels (CUDA; falls back to eager with a warning if compiling fails); auto: "
+                                 "on for CUDA, off on the CPU, where eager is as fast", choices=["auto", "on", "off"])
     eval_fraction: float = _flag(0.0, "fraction of the rows held out for eval loss")
     eval_every: int = _flag(0, "evaluate every N steps (0: only at the end); needs --eval-fraction")
     log_every: int = _flag(1, "write a metrics.jsonl line every N steps")
@@ -163,6 +165,8 @@ def validate(cfg):
         raise ValueError("--lora-dropout, --warmup-ratio and --eval-fraction must be in [0, 1)")
     if cfg.lr <= 0:
         raise ValueError(f"--lr must be > 0, got {cfg.lr}")
+    if cfg.offload_activations and not cfg.gradient_checkpointing:
+        raise ValueError("--offload-activations moves the checkpointed layer inputs: it needs --gradient-checkpointing")
 
 
 def resolve_config(argv):
@@ -300,12 +304,51 @@ def load_model(cfg, model_dir, device, dtype):
     lora.add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=targets,
                   use_rslora=cfg.use_rslora)
     model.gradient_checkpointing = cfg.gradient_checkpointing
+    model.offload_activations = cfg.offload_activations
     # The compiled dequantize only exists for CUDA tensors (nf4 falls back to eager elsewhere).
     use_compile = cfg.compile == "on" or (cfg.compile == "auto" and cfg.device.startswith("cuda"))
     for module in model.modules():
         if isinstance(module, nf4.Linear4bit):
             module.compile = use_compile
+    # Packed rows give each batch its own document boundaries, which a compiled layer would be
+    # specialized (recompiled) for: those run eager.
+    if use_compile and cfg.device.startswith("cuda") and not cfg.packing:
+        compile_layers(model)
     return model
+
+
+def compile_layers(model):
+    """torch.compile each decoder layer, as torchtune does: its forward, checkpointed recompute and
+    backward run as a few fused kernels (4-bit dequantize, LoRA, RMSNorm, RoPE, attention, SwiGLU), not
+    as ~1000 small ops per layer and step whose launches the CPU issues more slowly than the GPU runs
+    them. The layers share one graph (same code, parameters as inputs). fullgraph=False: a graph break
+    splits the graph instead of failing. If compiling fails (no Triton, an Inductor bug), every layer
+    runs eager from then on, after one warning: an optimization must not end a run."""
+    failed = []
+
+    def fall_back(error):
+        if not failed:
+            warnings.warn(f"torch.compile of the decoder layers failed ({type(error).__name__}: {error}); "
+                          "running them eager (--compile off silences this)", stacklevel=3)
+        failed.append(error)
+
+    def guarded(eager, compiled):
+        def forward(*args, **kwargs):
+            if not failed:
+                try:
+                    return compiled(*args, **kwargs)
+                except torch._dynamo.exc.TorchDynamoException as e:  # raised while compiling, before running
+                    fall_back(e)
+            return eager(*args, **kwargs)
+        return forward
+
+    for layer in model.model.layers:
+        try:
+            compiled = torch.compile(layer.forward, fullgraph=False)
+        except Exception as e:  # torch.compile itself refused
+            fall_back(e)
+            return
+        layer.forward = guarded(layer.forward, compiled)
 
 
 def peak_memory_gb(device):

@@ -450,3 +450,72 @@ def test_full_disk_mid_checkpoint_leaves_the_previous_one_intact(tmp_path, monke
             train.save_checkpoint(tmp_path, step, model, optimizer, scaler, {"step": step}, "gqa", keep=3)
         assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
     assert json.loads((tmp_path / "checkpoint-1" / "trainer_state.json").read_text()) == {"step": 1}
+
+
+@pytest.mark.parametrize("failure", ["at_compile", "at_first_call"])
+def test_compile_failure_falls_back_to_eager_with_one_warning(failure, monkeypatch):
+    # torch.compile refusing outright, or (the usual case: no Triton, an Inductor bug) the compiled layer
+    # failing while it compiles at its first call: either way every layer runs eager after one warning.
+    cfg = train.TrainConfig(model=str(GQA), lora_r=4, lora_dropout=0.0, compile="off")
+    calls = []
+
+    def broken_compile(fn, **kwargs):
+        if failure == "at_compile":
+            raise RuntimeError("no compiler here")
+
+        def compiled(*args, **kw):
+            calls.append(fn)
+            raise torch._dynamo.exc.TorchDynamoException("inductor crashed")
+        return compiled
+
+    def loss_and_grads(model):
+        model.train()
+        model.zero_grad()
+        batch = data.collate([([0, 5, 9, 3, 7], [False, True, True, True, True])], pad_id=0)
+        loss, n = lm_loss.lm_loss_sum(model, batch)
+        (loss / n).backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    torch.manual_seed(0)  # the same LoRA init for both models
+    expected, expected_grads = loss_and_grads(train.load_model(cfg, GQA, "cpu", torch.float32))
+    torch.manual_seed(0)
+    model = train.load_model(cfg, GQA, "cpu", torch.float32)
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    with pytest.warns(UserWarning, match="torch.compile of the decoder layers failed") as caught:
+        train.compile_layers(model)
+        runs = [loss_and_grads(model) for _ in range(2)]  # forward, checkpointed recompute, backward, twice
+    assert len([w for w in caught if "decoder layers failed" in str(w.message)]) == 1
+    assert len(calls) == (1 if failure == "at_first_call" else 0)  # never retried once it failed
+    for loss, grads in runs:
+        assert torch.equal(loss, expected) and all(torch.equal(a, b) for a, b in zip(grads, expected_grads))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("quant,optim", [("none", "adamw"), ("nf4", "adamw"), ("nf4", "paged_adamw_32bit"),
+                                         ("nf4", "paged_adamw_8bit")])
+def test_training_step_never_waits_for_the_gpu(tok, quant, optim):
+    # A step (2 micro-batches: forward, chunked loss, checkpointed backward, clipping, optimizer) queued
+    # with the sync debug mode at "error": any .item(), device-to-host copy, blocking host-to-device copy
+    # or data-dependent shape (a boolean index) raises. Only read_loss, at logging steps, may wait.
+    cfg = train.TrainConfig(model=str(GQA), quant=quant, optim=optim, lora_r=4, dtype="bfloat16", compile="off")
+    model = train.load_model(cfg, GQA, "cuda", torch.bfloat16)
+    optimizer = train.make_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
+    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    rows = memorize_rows(4)
+    examples = [data.tokenize_row(r, "", tok) for r in rows]
+    micro = [data.collate(examples[:2], tok.pad_id), data.collate(examples[2:], tok.pad_id)]
+    model.train()
+
+    def step():
+        loss = train.train_step(model, micro, scaler)
+        return loss, train.optimizer_step(optimizer, scaler, 1e-3, 0.3, [p for p in model.parameters()
+                                                                          if p.requires_grad])
+
+    step()  # first use: lazy allocations, cuBLAS handles, optimizer state
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss, grad_norm = step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert grad_norm is not None and 0 < train.read_loss(loss, grad_norm, 2) < 20
