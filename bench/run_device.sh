@@ -126,10 +126,10 @@ if "$PY" -c "import xdist" 2>/dev/null; then
     cores=$(nproc 2>/dev/null || echo 2)
     if [ "$cores" -ge 8 ]; then xdist_cuda="-n 4" xdist_rest="-n $((cores / 2))"; fi
 fi
-timeout -k 10 "$LIMIT_TESTS" "$PY" -m pytest -q -rfEs -p no:cacheprovider $xdist_cuda -m cuda tests \
+timeout -k 10 "$LIMIT_TESTS" "$PY" -m pytest -q -rfEs -p no:cacheprovider --durations=10 $xdist_cuda -m cuda tests \
     >"$OUT/pytest_cuda.log" 2>&1 &
 pid_cuda=$!
-timeout -k 10 "$LIMIT_TESTS" "$PY" -m pytest -q -rfE -p no:cacheprovider $xdist_rest -m "not cuda" tests \
+timeout -k 10 "$LIMIT_TESTS" "$PY" -m pytest -q -rfE -p no:cacheprovider --durations=10 $xdist_rest -m "not cuda" tests \
     >"$OUT/pytest_rest.log" 2>&1 &
 pid_rest=$!
 wait "$pid_cuda"; rc_cuda=$?
@@ -145,8 +145,9 @@ rc_context=${PIPESTATUS[0]}
 echo "== run_device.sh exit codes (124: hit its time limit): pytest -m cuda $rc_cuda, rest $rc_rest," \
      "bench $rc_bench, context $rc_context"
 grep -E "^(FAILED|ERROR) " "$OUT/pytest_cuda.log" "$OUT/pytest_rest.log" | head -n 20
-tail -n 2 "$OUT/pytest_cuda.log" | sed 's/^/  cuda tests: /'
-tail -n 2 "$OUT/pytest_rest.log" | sed 's/^/  rest:       /'
+for part in cuda rest; do  # (a log cut by its time limit may end without a newline)
+    tail -n 2 "$OUT/pytest_$part.log" | sed "s/^/  $part tests: /"; echo
+done
 # the tables again, so they are the last thing the reply shows
 sed -n '/^== bench\/gpu.py/,$p' "$OUT/bench.log"
 sed -n '/^context, /,$p' "$OUT/context.log"
