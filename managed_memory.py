@@ -15,6 +15,11 @@ storage happens to be pageable. The allocation is freed when the last tensor (or
     managed_zeros(shape, dtype, device)   a zero-filled managed CUDA tensor
     prefetch(t)                           move t's whole allocation to its GPU, on the current stream
     is_managed(t), managed_bytes()        bookkeeping: torch.cuda.memory_allocated() does not see these
+    arena_layout(specs), carve(arena, specs)   many buffers as views into one allocation
+
+An "arena" is one allocation that holds many buffers (each aligned, as cudaMalloc would align it): the
+paged optimizer keeps all its state in one, so paging it back costs one prefetch per step, not one per
+tensor (Llama-2-7B's adapters have 448), and one allocation wastes less than hundreds of page-rounded ones.
 
 Traps named where they bite: the prefetch signature changed in CUDA 13 (a struct by value instead of an
 int, so the binding follows the runtime's version); prefetching is an error on devices without concurrent
@@ -205,7 +210,8 @@ def prefetch(t: torch.Tensor) -> None:
         return
     rt = _cudart()
     if rt.concurrent_managed_access(t.device.index):
-        rt.prefetch(t.data_ptr(), t.untyped_storage().nbytes(), t.device.index,
+        storage = t.untyped_storage()  # the whole allocation, also when t is a view into an arena
+        rt.prefetch(storage.data_ptr(), storage.nbytes(), t.device.index,
                     torch.cuda.current_stream(t.device).cuda_stream)
 
 
@@ -229,3 +235,33 @@ def synchronize_managed() -> None:
     """CPU reads of managed pages the GPU may still be writing are only legal after a synchronize."""
     for device in {device for _, device in _LIVE.values()}:
         torch.cuda.synchronize(device)
+
+
+# --------------------------------------------------------------------------------------------------
+# Arenas: many buffers in one allocation (pure layout; works on any device's uint8 tensor)
+
+ARENA_ALIGN = 256  # bytes: what cudaMalloc guarantees, enough for every vectorized kernel's loads
+
+
+def arena_layout(specs, align: int = ARENA_ALIGN):
+    """Byte offsets of buffers [(shape, dtype), ...] packed in order into one allocation, each starting
+    on a multiple of `align`, and the allocation's size in bytes (at least 1)."""
+    offsets, end = [], 0
+    for shape, dtype in specs:
+        start = -(-end // align) * align
+        offsets.append(start)
+        end = start + math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    return offsets, max(end, 1)
+
+
+def carve(arena: torch.Tensor, specs, align: int = ARENA_ALIGN) -> list:
+    """Views of the uint8 tensor `arena` (1-D, from offset 0) as the buffers of arena_layout(specs)."""
+    offsets, size = arena_layout(specs, align)
+    if arena.dtype != torch.uint8 or arena.dim() != 1 or arena.numel() < size:
+        raise ValueError(f"an arena for these buffers is a 1-D uint8 tensor of >= {size} bytes; got "
+                         f"{arena.dtype} {tuple(arena.shape)}")
+    views = []
+    for (shape, dtype), start in zip(specs, offsets):
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        views.append(arena[start:start + nbytes].view(dtype).view(shape))
+    return views

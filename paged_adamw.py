@@ -29,8 +29,10 @@ the same). Parameters with fewer than `min_8bit_size` elements keep 32-bit state
 
 Paging (QLoRA §3 "Paged Optimizers"): on CUDA, with paged=True, state buffers of at least
 `page_threshold` elements live in CUDA managed memory (`managed_memory.py`), which the driver evicts to
-host RAM when the GPU runs short instead of failing with out-of-memory; they are prefetched back to the
-GPU before each update. On CPU, or with paged=False, the same maths runs on ordinary tensors.
+host RAM when the GPU runs short instead of failing with out-of-memory. All the state that starts
+together (normally: every parameter, at the first step) is carved from one allocation per dtype (an
+"arena"), so each step costs one prefetch back to the GPU, not one per tensor, and nothing else while
+nothing was evicted. On CPU, or with paged=False, the same maths runs on ordinary tensors.
 
 Parameters must be float32: all maths and all state are float32, and a bf16 weight would round away
 most small Adam updates (lr 1e-4 on a weight of 0.05 is below half a bf16 ulp). LoRA keeps its adapters
@@ -48,7 +50,8 @@ from typing import NamedTuple
 import torch
 
 from double_quant import DYNAMIC_SIGNED, DYNAMIC_UNSIGNED, _tables_8bit, encode
-from managed_memory import is_managed, managed_bytes, managed_zeros, paging_available, prefetch, synchronize_managed
+from managed_memory import (arena_layout, carve, is_managed, managed_bytes, managed_zeros, paging_available, prefetch,
+                            synchronize_managed)
 
 __all__ = ["PagedAdamW", "PagedAdamW32bit", "PagedAdamW8bit", "BLOCKSIZE", "managed_bytes", "is_managed"]
 
@@ -209,6 +212,7 @@ class PagedAdamW(torch.optim.Optimizer):
                         paged=paged, min_8bit_size=min_8bit_size, page_threshold=page_threshold)
         super().__init__(params, defaults)
         self._buckets = {}  # parameter with 8-bit state -> (its _Bucket, its index there)
+        self._arenas = []  # the managed allocations holding the state (see _buffers)
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
@@ -233,39 +237,59 @@ class PagedAdamW(torch.optim.Optimizer):
 
     # ---- state allocation ----------------------------------------------------------------------
 
-    def _zeros(self, device: torch.device, shape, dtype: torch.dtype, group: dict, pageable: bool = True):
-        """A zero state buffer: managed memory if paging applies to it, else ordinary memory."""
-        numel = math.prod(shape)
-        if (pageable and group["paged"] and device.type == "cuda" and numel > 0
-                and numel >= group["page_threshold"] and paging_available()):
-            return managed_zeros(shape, dtype, device)
-        return torch.zeros(shape, dtype=dtype, device=device)
-
     @staticmethod
     def _is_8bit(p: torch.Tensor, group: dict) -> bool:
         return group["optim_bits"] == 8 and p.numel() >= max(1, group["min_8bit_size"])
 
-    def _allocate(self, params: list, eight_bit: list, group: dict) -> None:
-        """Zero state for `params` (all without state yet); eight_bit[i] says which kind each gets. The
-        8-bit ones share one _Bucket per device."""
-        by_device = defaultdict(list)
-        for p, is_8bit in zip(params, eight_bit):
-            if is_8bit:
-                by_device[p.device].append(p)
+    @staticmethod
+    def _paging(device: torch.device, group: dict) -> bool:
+        """Whether this group's state on `device` goes to managed memory (CUDA, paged=True, libcudart found)."""
+        return group["paged"] and device.type == "cuda" and paging_available()
+
+    def _buffers(self, device: torch.device, specs: list, pageable: list, group: dict) -> list:
+        """Zero buffers [(shape, dtype), ...] on `device` as views into a few allocations ("arenas"): the
+        pageable buffers of >= page_threshold elements in CUDA managed memory when paging applies, the
+        rest in ordinary memory; one arena per kind of memory and dtype (torch.save refuses tensors that
+        view one storage as different dtypes). A managed arena is prefetched once per step."""
+        pages = self._paging(device, group)
+        managed = [pages and ok and math.prod(shape) >= max(1, group["page_threshold"])
+                   for (shape, _), ok in zip(specs, pageable)]
+        arenas = defaultdict(list)  # (managed?, dtype) -> indices of its buffers
+        for i, ((_, dtype), in_managed) in enumerate(zip(specs, managed)):
+            arenas[in_managed, dtype].append(i)
+        out = [None] * len(specs)
+        for (in_managed, _), members in arenas.items():
+            mine = [specs[i] for i in members]
+            size = arena_layout(mine)[1]
+            if in_managed:
+                arena = managed_zeros((size,), torch.uint8, device)
+                self._arenas.append(arena)
             else:
-                self.state[p].update(step=0, exp_avg=self._zeros(p.device, p.shape, torch.float32, group),
-                                     exp_avg_sq=self._zeros(p.device, p.shape, torch.float32, group))
-        for device, members in by_device.items():
-            lanes = sum(-(-p.numel() // BLOCKSIZE) * BLOCKSIZE for p in members)
+                arena = torch.zeros(size, dtype=torch.uint8, device=device)
+            for i, view in zip(members, carve(arena, mine)):
+                out[i] = view
+        return out
+
+    def _allocate(self, params: list, eight_bit: list, group: dict) -> None:
+        """Zero state for `params` (all without state yet); eight_bit[i] says which kind each gets. Per
+        device: the 32-bit moments and one _Bucket's flat 8-bit buffers, all carved from one arena."""
+        by_device = defaultdict(lambda: ([], []))  # device -> (32-bit params, 8-bit params)
+        for p, is_8bit in zip(params, eight_bit):
+            by_device[p.device][is_8bit].append(p)
+        for device, (plain, eights) in by_device.items():
+            lanes = sum(-(-p.numel() // BLOCKSIZE) * BLOCKSIZE for p in eights)
+            specs = [(p.shape, torch.float32) for p in plain for _ in ("exp_avg", "exp_avg_sq")]
+            if eights:  # state1, state2 (uint8 codes), then absmax1, absmax2
+                specs += [((lanes,), torch.uint8)] * 2 + [((lanes // BLOCKSIZE,), torch.float32)] * 2
             # absmax stays ordinary device memory, as in bitsandbytes: it is 1/256 of the size
-            bucket = _Bucket(members, self._zeros(device, (lanes,), torch.uint8, group),
-                             self._zeros(device, (lanes,), torch.uint8, group),
-                             self._zeros(device, (lanes // BLOCKSIZE,), torch.float32, group, pageable=False),
-                             self._zeros(device, (lanes // BLOCKSIZE,), torch.float32, group, pageable=False),
-                             chunk=CHUNK_LANES.get(device.type, 1 << 24))
-            for i, p in enumerate(members):
-                self.state[p].update(step=0, **bucket.views(i))
-                self._buckets[p] = (bucket, i)
+            buffers = self._buffers(device, specs, [True] * (len(specs) - 2 * bool(eights)) + [False] * 2, group)
+            for i, p in enumerate(plain):
+                self.state[p].update(step=0, exp_avg=buffers[2 * i], exp_avg_sq=buffers[2 * i + 1])
+            if eights:
+                bucket = _Bucket(eights, *buffers[-4:], chunk=CHUNK_LANES.get(device.type, 1 << 24))
+                for i, p in enumerate(eights):
+                    self.state[p].update(step=0, **bucket.views(i))
+                    self._buckets[p] = (bucket, i)
 
     # ---- the step ------------------------------------------------------------------------------
 
@@ -275,6 +299,8 @@ class PagedAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        for arena in self._arenas:  # pages the driver evicted come back in one bulk copy, on this stream
+            prefetch(arena)
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None and p.requires_grad]
             if any(p.grad.is_sparse for p in params):
@@ -284,9 +310,6 @@ class PagedAdamW(torch.optim.Optimizer):
             plain, buckets = defaultdict(list), defaultdict(dict)  # device -> params; bucket -> {index: p}
             for p in params:
                 state = self.state[p]
-                for value in state.values():
-                    if isinstance(value, torch.Tensor):
-                        prefetch(value)  # a no-op unless the buffer is managed memory
                 state["step"] += 1
                 if "state1" in state:
                     bucket, i = self._buckets[p]
@@ -401,7 +424,7 @@ class PagedAdamW(torch.optim.Optimizer):
             restored.append((p, saved, g))
         for group, options in zip(self.param_groups, merged):  # commit only once everything validated
             group.update(options)
-        self.state, self._buckets = defaultdict(dict), {}
+        self.state, self._buckets, self._arenas = defaultdict(dict), {}, []
         for g, group in enumerate(self.param_groups):  # allocate as step() would (buckets, managed memory), fill
             mine = [(p, saved) for p, saved, k in restored if k == g and set(saved) - {"step"}]
             self._allocate([p for p, _ in mine], ["state1" in saved for _, saved in mine], group)

@@ -77,3 +77,31 @@ def test_cuda_prefetch_is_ordered_on_the_current_stream():
             t.add_(1.0)
     torch.cuda.current_stream().wait_stream(side)
     assert torch.all(t == 3.0).item()
+
+
+# ---------------------------------------------------------------------------------------------
+# Arenas: the layout is pure arithmetic, tested here on ordinary CPU tensors
+
+def test_arena_layout_aligns_and_packs_in_order():
+    specs = [((3,), torch.uint8), ((2, 5), torch.float32), ((0,), torch.float32), ((257,), torch.uint8), ((1,), torch.float32)]
+    offsets, size = managed_memory.arena_layout(specs)
+    assert offsets == [0, 256, 512, 512, 1024] and size == 1028  # 3 B, 40 B, 0 B, 257 B, 4 B
+    assert all(o % managed_memory.ARENA_ALIGN == 0 for o in offsets)
+    assert managed_memory.arena_layout([]) == ([], 1)  # cudaMallocManaged rejects 0 bytes
+    assert managed_memory.arena_layout(specs, align=4) == ([0, 4, 44, 44, 304], 308)
+
+
+def test_carve_gives_disjoint_views_of_the_arena():
+    specs = [((3,), torch.uint8), ((2, 5), torch.float32), ((257,), torch.uint8), ((1,), torch.float32)]
+    arena = torch.zeros(managed_memory.arena_layout(specs)[1], dtype=torch.uint8)
+    views = managed_memory.carve(arena, specs)
+    assert [(tuple(v.shape), v.dtype) for v in views] == [(tuple(s), d) for s, d in specs]
+    assert all(v.untyped_storage().data_ptr() == arena.data_ptr() for v in views)
+    for k, v in enumerate(views):
+        v.fill_(k + 1)  # 1, 2.0, 3, 4.0: each byte of the arena is written by at most one view
+    assert torch.equal(arena[:3], torch.ones(3, dtype=torch.uint8)) and torch.all(arena[3:256] == 0)
+    assert torch.equal(arena[256:296].view(torch.float32), torch.full((10,), 2.0))
+    assert torch.equal(arena[512:769], torch.full((257,), 3, dtype=torch.uint8)) and torch.all(arena[769:1024] == 0)
+    assert arena[1024:1028].view(torch.float32).item() == 4.0
+    with pytest.raises(ValueError, match="arena"):
+        managed_memory.carve(arena[:100], specs)

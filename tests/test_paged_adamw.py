@@ -1,6 +1,7 @@
 """PagedAdamW against its references: torch.optim.AdamW (32-bit), bitsandbytes' 8-bit blockwise kernel
 (tests/fixtures/bnb/adamw8bit.safetensors), and itself across a checkpoint (resume). CUDA-only tests cover
 paged state and paging under pressure (managed memory itself: test_managed_memory.py)."""
+import gc
 import io
 import json
 import math
@@ -374,6 +375,68 @@ def test_cpu_state_is_ordinary_memory():
     assert managed_memory.managed_bytes() == 0
 
 
+def storages(opt, params, keys):
+    """The distinct allocations (storage pointers) behind the given state entries."""
+    return {opt.state[p][k].untyped_storage().data_ptr() for p in params for k in keys if k in opt.state[p]}
+
+
+def test_state_is_carved_from_one_allocation_per_dtype():
+    # 448 tensors' state in 448 x 2 allocations would cost 448 prefetches a step once paged; the state of
+    # all parameters that start together lives in one arena per dtype (torch.save needs one dtype per storage)
+    shapes = [(16, 576), (576, 16), (300, 33), (7,)]
+    p32 = make_params(shapes)
+    opt32 = PagedAdamW(p32)
+    set_grads(0, p32)
+    opt32.step()
+    assert len(storages(opt32, p32, ("exp_avg", "exp_avg_sq"))) == 1
+    p8 = make_params(shapes)
+    opt8 = PagedAdamW8bit(p8)  # the [7] keeps 32-bit state (min_8bit_size 4096)
+    set_grads(0, p8)
+    opt8.step()
+    assert len(storages(opt8, p8, ("state1", "state2"))) == 1
+    assert len(storages(opt8, p8, ("absmax1", "absmax2", "exp_avg", "exp_avg_sq"))) == 1
+    assert "exp_avg" in opt8.state[p8[3]] and "state1" in opt8.state[p8[2]]
+    buf = io.BytesIO()
+    torch.save(opt8.state_dict(), buf)  # views of one storage as one dtype: savable
+    assert buf.tell() > 0
+
+
+@pytest.mark.parametrize("optim_bits", [32, 8])
+def test_paged_state_bookkeeping_on_cpu(monkeypatch, optim_bits):
+    # The CUDA-only calls swapped for CPU stand-ins, so the bookkeeping around them runs here: the
+    # pageable state goes to one "managed" arena per dtype (absmax never), each step prefetches each
+    # arena once (not once per tensor), load_state_dict allocates managed arenas again, and the results
+    # equal an unpaged optimizer's bit for bit.
+    allocated, prefetched = [], []
+    monkeypatch.setattr(PagedAdamW, "_paging", staticmethod(lambda device, group: group["paged"]))
+    monkeypatch.setattr(paged_adamw, "managed_zeros",
+                        lambda shape, dtype, device: allocated.append(torch.zeros(shape, dtype=dtype)) or allocated[-1])
+    monkeypatch.setattr(paged_adamw, "prefetch", lambda t: prefetched.append(t.data_ptr()))
+    shapes = [(64, 80), (80, 64), (3, 257), (7,)]
+    paged, plain = make_params(shapes), make_params(shapes)
+    opts = [PagedAdamW(ps, optim_bits=optim_bits, min_8bit_size=0, page_threshold=100, paged=flag, weight_decay=0.1)
+            for ps, flag in ((paged, True), (plain, False))]
+    for step in range(3):
+        set_grads(step, paged, plain)
+        for opt in opts:
+            opt.step()
+    arena_ptrs = [a.data_ptr() for a in allocated]
+    assert len(allocated) == 1 and prefetched == arena_ptrs * 2  # steps 2 and 3 (step 1 allocated it)
+    big = ("state1", "state2") if optim_bits == 8 else ("exp_avg", "exp_avg_sq")
+    assert storages(opts[0], paged[:3], big) == set(arena_ptrs)
+    assert not storages(opts[0], paged, ("absmax1", "absmax2")) & set(arena_ptrs)
+    if optim_bits == 32:  # the [7] is under page_threshold: ordinary memory
+        assert not storages(opts[0], paged[3:], big) & set(arena_ptrs)
+    for a, b in zip(paged, plain):
+        assert torch.equal(a, b)
+    again = PagedAdamW(paged, optim_bits=optim_bits, min_8bit_size=0, page_threshold=100)
+    again.load_state_dict(opts[0].state_dict())
+    assert len(allocated) == 2 and storages(again, paged[:3], big) == {allocated[-1].data_ptr()}
+    for p in paged:
+        for key, value in opts[0].state[p].items():
+            assert value == again.state[p][key] if key == "step" else torch.equal(value, again.state[p][key])
+
+
 # ---------------------------------------------------------------------------------------------
 # CUDA: paged state, paging under memory pressure (skipped without a GPU)
 
@@ -459,7 +522,9 @@ def test_cuda_paging_under_memory_pressure():
     free_before_state = torch.cuda.mem_get_info()[0]
     p.grad = grads[0]
     opt.step()
-    state_bytes = sum(v.untyped_storage().nbytes() for v in opt.state[p].values() if isinstance(v, torch.Tensor))
+    allocations = {v.untyped_storage().data_ptr(): v.untyped_storage().nbytes()  # m and v share one arena
+                   for v in opt.state[p].values() if isinstance(v, torch.Tensor)}
+    state_bytes = sum(allocations.values())
     assert state_bytes == 8 * n and managed_memory.managed_bytes() >= state_bytes
     assert all(managed_memory.is_managed(opt.state[p][k]) for k in ("exp_avg", "exp_avg_sq"))
     torch.cuda.synchronize()
@@ -477,3 +542,87 @@ def test_cuda_paging_under_memory_pressure():
     torch_opt.step()
     assert ulps(p, ref) <= 4
     assert ulps(opt.state[p]["exp_avg_sq"], torch_opt.state[ref]["exp_avg_sq"]) <= 4
+
+
+def managed_allocations(opt, params) -> set:
+    """Storage pointers of every pageable state entry (moments, codes), asserting each is managed."""
+    keys = ("exp_avg", "exp_avg_sq", "state1", "state2")
+    views = [opt.state[p][k] for p in params for k in keys if k in opt.state[p]]
+    assert views and all(managed_memory.is_managed(v) and pointer_is_managed(v) for v in views)
+    return {v.untyped_storage().data_ptr() for v in views}
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("optim_bits", [32, 8])
+def test_cuda_paged_equals_plain_in_one_managed_allocation(optim_bits):
+    # (a) paging changes where the state lives, never a bit of the result; (b) all of it in one managed
+    # allocation (one prefetch per step); absmax stays ordinary device memory, as in bitsandbytes
+    shapes = [(64, 4096), (4096, 64), (64, 11008), (11008, 64), (3, 257)]
+    paged, plain = make_params(shapes, device="cuda"), make_params(shapes, device="cuda")
+    gc.collect()  # earlier tests' optimizers: freed now, not while this one is measured
+    before = managed_memory.managed_bytes()
+    opts = [PagedAdamW(ps, optim_bits=optim_bits, weight_decay=0.01, min_8bit_size=0, page_threshold=0, paged=flag)
+            for ps, flag in ((paged, True), (plain, False))]
+    for step in range(5):
+        set_grads(step, paged, plain, skip=(4,) if step == 2 else ())  # a skipped step: the per-tensor path too
+        for opt in opts:
+            opt.step()
+    for a, b in zip(paged, plain):
+        assert torch.equal(a, b)
+        for key, value in opts[0].state[a].items():
+            assert value == opts[1].state[b][key] if key == "step" else torch.equal(value, opts[1].state[b][key]), key
+    assert len(managed_allocations(opts[0], paged)) == 1 and len(opts[0]._arenas) == 1
+    state_bytes = sum(v.numel() * v.element_size() for p in paged for k, v in opts[0].state[p].items()
+                      if k in ("exp_avg", "exp_avg_sq", "state1", "state2"))
+    assert state_bytes <= managed_memory.managed_bytes() - before <= state_bytes + 256 * 4 * len(shapes)
+    if optim_bits == 8:
+        assert not managed_memory.is_managed(opts[0].state[paged[0]]["absmax1"])
+    assert not any(managed_memory.is_managed(v) for p in plain for v in opts[1].state[p].values()
+                   if isinstance(v, torch.Tensor))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("optim_bits", [32, 8])
+def test_cuda_load_state_dict_keeps_state_managed_in_one_allocation(optim_bits):
+    # (c) torch's Optimizer.load_state_dict would cast the state to the parameter's device: ordinary
+    # memory. Ours re-allocates it as step() would: managed, one arena, from a host-side checkpoint.
+    shapes = [(64, 4096), (4096, 64), (33,)]
+    params = make_params(shapes, device="cuda")
+    opt = PagedAdamW(params, optim_bits=optim_bits, min_8bit_size=0, page_threshold=0)
+    set_grads(0, params)
+    opt.step()
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    again = PagedAdamW(params, optim_bits=optim_bits, min_8bit_size=0, page_threshold=0)
+    again.load_state_dict(torch.load(buf, weights_only=True, map_location="cpu"))
+    assert len(managed_allocations(again, params)) == 1 and len(again._arenas) == 1
+    for p in params:
+        for key, value in opt.state[p].items():
+            if key != "step":
+                assert again.state[p][key].is_cuda and torch.equal(again.state[p][key], value), key
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("paged", [True, False])
+@pytest.mark.parametrize("optim_bits", [32, 8])
+def test_cuda_step_never_waits_for_the_gpu(optim_bits, paged):
+    # (d) no .item(), no host copies, no synchronize inside step(): the host stays ahead of the GPU.
+    # The first step allocates the state and uploads the 8-bit maps once; every later one runs under
+    # torch's sync debug mode set to raise, including a step where one parameter has no gradient.
+    shapes = [(64, 4096), (4096, 64), (3, 257), (33,)]
+    params = make_params(shapes, device="cuda")
+    opt = PagedAdamW(params, optim_bits=optim_bits, paged=paged, page_threshold=0, weight_decay=0.01)
+    set_grads(0, params)
+    opt.step()
+    grads = [[torch.randn(p.shape, device="cuda") for p in params] for _ in range(3)]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for step, gs in enumerate(grads):
+            for i, (p, g) in enumerate(zip(params, gs)):
+                p.grad = None if (step == 1 and i == 0) else g
+            opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(torch.isfinite(p).all() for p in params)
