@@ -203,12 +203,38 @@ def dequantize_blockwise(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tens
     nblocks = -(-n // blocksize)
     if absmax.numel() != nblocks:
         raise ValueError(f"absmax has {absmax.numel()} entries, expected ceil({n}/{blocksize}) = {nblocks}")
-    values = code.to(flat.device)[flat.long()]  # (n,) float32
+    values = map_on(code, flat.device)[flat.int()]  # (n,) float32
     pad = nblocks * blocksize - n
     if pad:
         values = torch.cat([values, values.new_zeros(pad)])
     out = values.view(nblocks, blocksize) * absmax.float().view(nblocks, 1)  # (nblocks, blocksize)
     return out.view(-1)[:n]
+
+
+_COPIES = {}
+
+
+def cached_copy(name: str, device, make) -> torch.Tensor:
+    """The constant table `make()` (a code book, thresholds) on `device`, made and copied there once, then
+    cached under (name, device). Copying a host tensor to a GPU at every call would make the host wait for
+    the GPU each time (a copy from pageable memory synchronizes), and would put host tensors into a
+    compiled graph."""
+    key = (name, torch.device(device))
+    if key not in _COPIES:
+        table = make()
+        if table.device == key[1]:
+            return table  # nothing to copy (and nothing to cache: torch.compile traces this without a side effect)
+        _COPIES[key] = table.to(key[1])
+    return _COPIES[key]
+
+
+def map_on(code: torch.Tensor, device) -> torch.Tensor:
+    """`code` on `device`; this module's two maps come from the per-device cache (no copy per call)."""
+    if code is DYNAMIC_SIGNED:
+        return cached_copy("dynamic_signed", device, lambda: DYNAMIC_SIGNED)
+    if code is DYNAMIC_UNSIGNED:
+        return cached_copy("dynamic_unsigned", device, lambda: DYNAMIC_UNSIGNED)
+    return code.to(device)
 
 
 def quantize_absmax(absmax: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE):
@@ -226,6 +252,8 @@ def quantize_absmax(absmax: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE):
 
 def dequantize_absmax(qabsmax: torch.Tensor, nested_absmax: torch.Tensor, offset: torch.Tensor,
                       blocksize: int = NESTED_BLOCKSIZE) -> torch.Tensor:
-    """Restore float32 absmax = DYNAMIC_SIGNED[qabsmax] * nested_absmax[i // 256] + offset (float32 ops)."""
+    """Restore float32 absmax = DYNAMIC_SIGNED[qabsmax] * nested_absmax[i // 256] + offset (float32 ops).
+    Elementwise ops only, the map cached on the device: cheap next to the 4-bit dequantize it feeds, free of
+    host-device synchronization, and traceable by torch.compile without graph breaks."""
     restored = dequantize_blockwise(qabsmax, nested_absmax, DYNAMIC_SIGNED, blocksize)
     return restored + offset.to(device=restored.device, dtype=torch.float32)

@@ -2,9 +2,9 @@
 4-bit linear layer of QLoRA.
 
 NF4 (QLoRA arXiv:2305.14314 §3, "4-bit NormalFloat"). Pretrained weights are roughly zero-mean normal, so
-the 16 code values are quantiles of N(0, 1) rescaled to [-1, 1], which makes every code equally likely.
-To also represent 0 exactly, the two halves are built separately (bitsandbytes `create_normal_map`,
-offset delta = 0.9677083, Phi^-1 = standard normal quantile function):
+the 16 code values are quantiles of N(0, 1) rescaled to [-1, 1]: every code is about equally likely. To
+represent 0 exactly the two halves are built separately (delta = 0.9677083, Phi^-1 = the standard normal
+quantile function; `normal_map` below does it, docs/bnb_format.md §1.1):
 
     positive:  Phi^-1(linspace(delta, 0.5, 9)[:-1])   -> 8 values
     negative: -Phi^-1(linspace(delta, 0.5, 8)[:-1])   -> 7 values
@@ -13,53 +13,63 @@ offset delta = 0.9677083, Phi^-1 = standard normal quantile function):
 So the table is *asymmetric*: 7 negative values, 0.0 at index 7, 8 positive values; +0.0796 is not the
 mirror of -0.0911. (A symmetric 8+8 table is a common mistake and cannot read real checkpoints.)
 
-Blockwise absmax quantization (QLoRA §2; 8-bit optimizers arXiv:2110.02861 §2.1). The weight is flattened
-row-major and cut into blocks of `blocksize` (64) consecutive values; each block stores its float32 absmax
-and 4-bit codes
+Blockwise absmax quantization (QLoRA §2; 8-bit optimizers arXiv:2110.02861 §2.1; docs/bnb_format.md §2).
+The weight is flattened row-major and cut into blocks of `blocksize` (64) consecutive values; each block
+stores its float32 absmax and 4-bit codes
 
-    absmax_b = max |w_i|,   code_i = nearest NF4 entry to w_i * (1 / absmax_b),
-    w_i ~= NF4[code_i] * absmax_b.
+    absmax_b = max |w_i|,   code_i = nearest table entry to w_i * (1 / absmax_b),
+    w_i ~= table[code_i] * absmax_b        (one float32 multiply, then one rounding to the weight's dtype)
 
-"Nearest" is decided by the 15 float32 midpoints between neighbouring entries (a value exactly on a
-midpoint takes the lower code; NaN gives code 0; an all-zero block computes 0 * inf = NaN, so all its codes
-are 0 and its absmax 0 — bitsandbytes' CUDA kernel behaviour). Two codes share a byte, the first
-(even-indexed) element in the high nibble; the result is uint8 [(n + 1) // 2, 1].
+and two codes share a byte, the first (even-indexed) element in the high nibble: uint8 [(n + 1) // 2, 1].
+"Nearest" is decided by the 15 float32 midpoints between neighbouring entries (a value exactly on one
+takes the lower code; NaN gives code 0; an all-zero block computes 0 * inf = NaN, so its codes are 0 and
+its absmax 0, as bitsandbytes' CUDA kernel does). FP4 is bitsandbytes' own E2M1-like format, decided by
+rounded decimal thresholds rather than exact midpoints (docs/bnb_format.md §1.2, §2.1); both are
+reproduced here.
 
-Double quantization (§3, double_quant.py) turns the float32 absmax (32/64 = 0.5 bit/param) into 8-bit
+Double quantization (QLoRA §3, double_quant.py) turns the float32 absmax (32/64 = 0.5 bit/param) into 8-bit
 codes plus one float32 per 256 blocks: 4 + 8/64 + 32/(64*256) = 4.127 bits per parameter.
 
-FP4 is bitsandbytes' own E2M1-like format: a sign bit and 3 magnitude bits for {0, 0.0625, 8, 12, 4, 6,
-2, 3} / 12. Its CUDA kernel decides with rounded decimal thresholds (not exact midpoints) and gives a
-negative scaled value the sign bit even when it rounds to 0; both are reproduced here.
-
-How it is fast in eager PyTorch (no [n, 16] distance matrix):
-* quantize: a float32 value's top 16 bits (sign, exponent, 7 mantissa bits) select one of 65536 bins; no
-  bin holds more than one decision threshold, so one table lookup for the bin's threshold and one compare
-  give the exact code (`_encode_tables`). Work is done in chunks that stay in cache, which also keeps the
-  extra memory far below the input's size.
-* dequantize: every int16 word of packed bytes (4 codes) indexes a 65536 x 4 table of code values, then one
-  float32 multiply by the block's absmax and one rounding cast to the output dtype.
+Reading order: the tables; the plain quantize and dequantize (shifts, a 16-entry table on the weight's
+device, one multiply: the path on GPUs and under torch.compile); the frozen linear; bitsandbytes'
+checkpoint layout; last, a "speed" section with the CPU-only lookup tables (a 65536-bin encoder and a
+256-entry byte decoder, same bits, several times faster there), behind one switch, `CPU_TABLES`.
 
 The frozen linear (`Linear4bit`) stores only the packed codes and constants; its autograd.Function saves
 exactly those for backward and dequantizes again there, so no float copy of the weight outlives a matmul
-(the memory trap of a plain `F.linear(x, dequantize(W))`). Only the input gradient is computed: the
-base weight is frozen, LoRA adapters (lora.py) carry the trainable parameters.
+(the memory trap of a plain `F.linear(x, dequantize(W))`). Only the input gradient is computed: the base
+weight is frozen, LoRA adapters (lora.py) carry the trainable parameters. The dequantize on its path does
+no host-device synchronization and no data-dependent Python branching, so `torch.compile(fullgraph=True)`
+of a whole decoder layer traces it in one graph.
 
 The bytes follow bitsandbytes 0.50's CUDA kernels and transformers' 4-bit checkpoint layout (keys, dtypes,
-shapes, the quant_state JSON); the tests compare against bitsandbytes-made fixtures bit for bit.
-Deliberately left out: bitsandbytes' fused CUDA GEMV kernels, non-uint8 quant storage on write, 8-bit
-(LLM.int8) layers.
+shapes, the quant_state JSON; docs/bnb_format.md §4); the tests compare against bitsandbytes-made
+fixtures bit for bit. Deliberately left out: bitsandbytes' fused CUDA GEMV kernels, non-uint8 quant storage
+on write, 8-bit (LLM.int8) layers.
 """
 import json
-import sys
 import warnings
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from double_quant import (BLOCKSIZES_8BIT, DYNAMIC_SIGNED, NESTED_BLOCKSIZE, dequantize_absmax, encode, encode_tables,
-                          quantize_absmax, scale_blocks)
+from double_quant import (BLOCKSIZES_8BIT, DYNAMIC_SIGNED, NESTED_BLOCKSIZE, cached_copy, dequantize_absmax, encode,
+                          encode_tables, map_on, quantize_absmax, scale_blocks)
+
+
+# ---- the code tables ----------------------------------------------------------------------------------------
+
+def normal_map(offset: float = 0.9677083) -> torch.Tensor:
+    """NF4 from its definition, float32 [16], as bitsandbytes' `create_normal_map(offset, use_extra_value=True)`
+    computes it: float32 linspace probabilities, their normal quantiles rounded to float32 (scipy's float32
+    loop evaluates in double and rounds once; so does this), one exact 0, sorted, divided by the largest in
+    float32. Equal bit for bit to the literal NF4_CODE (tested); the literal stays the authority."""
+    def quantiles(k):  # (k - 1,) the quantiles at linspace(offset, 0.5, k) without 0.5 itself
+        return torch.special.ndtri(torch.linspace(offset, 0.5, k, dtype=torch.float32)[:-1].double()).float()
+    values = torch.cat([quantiles(9), torch.zeros(1), -quantiles(8)]).sort().values  # (16,) 8 + 1 + 7
+    return values / values.max()
+
 
 # bitsandbytes' tables, float32 bit-exact (index = code). NF4 is asymmetric with an exact 0 at index 7.
 NF4_CODE = torch.tensor([
@@ -77,13 +87,19 @@ FP4_CODE = torch.tensor([
 
 QUANT_TYPES = ("nf4", "fp4")
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
-DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+# the dtype names of the quant_state JSON and the weight dtypes a 4-bit layer can stand for
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 NF4_THRESHOLDS = (NF4_CODE[:-1] + NF4_CODE[1:]) * 0.5  # 15 float32 midpoints; code = #{t < x}
 # CUDA's FP4 decision tree compares |x| with these rounded decimals (e.g. 0.583333, not 0.5833334).
 FP4_THRESHOLDS = torch.tensor([0.00260417, 0.0859375, 0.20833333, 0.29166667, 0.4166667, 0.583333, 0.8333333],
                               dtype=torch.float32)
 FP4_RANK_TO_CODE = torch.tensor([0, 1, 6, 7, 4, 5, 2, 3], dtype=torch.uint8)  # magnitude rank -> 3-bit code
+
+
+def code_table(quant_type: str, device) -> torch.Tensor:
+    """The 16-entry table on `device`, copied there once per (quant_type, device), never per call."""
+    return cached_copy(quant_type, device, lambda: NF4_CODE if quant_type == "nf4" else FP4_CODE)
 
 
 def _check(quant_type: str, blocksize: int) -> None:
@@ -93,18 +109,20 @@ def _check(quant_type: str, blocksize: int) -> None:
         raise ValueError(f"blocksize must be one of {BLOCKSIZES}, got {blocksize!r}")
 
 
+# ---- quantize / dequantize, plainly ---------------------------------------------------------------------------
+
 def encode_reference(x: torch.Tensor, quant_type: str = "nf4") -> torch.Tensor:
-    """The spec's rule, directly: 4-bit codes (uint8) of already-scaled float32 values. Slow but plain;
-    the fast path's tables are built from it and the tests compare against it."""
+    """The decision rule (docs/bnb_format.md §2.1): 4-bit codes (uint8) of already-scaled float32 values."""
     if quant_type == "nf4":
-        code = torch.bucketize(x, NF4_THRESHOLDS.to(x.device), right=False)  # #{t : t < x}, ties -> lower
+        thresholds = cached_copy("nf4_thresholds", x.device, lambda: NF4_THRESHOLDS)
+        code = torch.bucketize(x, thresholds, out_int32=True)  # #{t : t < x}: a tie goes to the lower code
     else:
-        rank = torch.bucketize(x.abs(), FP4_THRESHOLDS.to(x.device), right=False)
-        code = FP4_RANK_TO_CODE.to(x.device)[rank].long() | torch.where(x < 0, 8, 0)  # -0.0 keeps sign 0
-    return code.masked_fill(x.isnan(), 0).to(torch.uint8)  # every comparison with NaN is false
+        thresholds = cached_copy("fp4_thresholds", x.device, lambda: FP4_THRESHOLDS)
+        rank = torch.bucketize(x.abs(), thresholds, out_int32=True)
+        sign = torch.where(x < 0, 8, 0).to(torch.uint8)  # -0.0 keeps sign 0, -1e-6 gets it ("-0")
+        code = cached_copy("fp4_rank", x.device, lambda: FP4_RANK_TO_CODE)[rank] | sign
+    return code.masked_fill(x.isnan(), 0).to(torch.uint8)  # every comparison with NaN is false -> 0
 
-
-# ---- quantize / dequantize ---------------------------------------------------------------------------------
 
 def quantize_4bit(x: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4"):
     """Blockwise 4-bit quantization of a float32/bfloat16/float16 tensor of any shape (flattened row-major).
@@ -112,21 +130,18 @@ def quantize_4bit(x: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4")
     Returns (packed uint8 [(n + 1) // 2, 1], absmax float32 [ceil(n / blocksize)]) on x's device.
     """
     _check(quant_type, blocksize)
-    if x.dtype not in DTYPES:
-        raise ValueError(f"quantize_4bit supports {[str(d) for d in DTYPES]}, got {x.dtype}; cast the tensor first")
+    if x.dtype not in DTYPES.values():
+        raise ValueError(f"quantize_4bit supports {list(DTYPES)}, got {x.dtype}; cast the tensor first")
     flat = x.reshape(-1)  # (n,) a view when x is contiguous
-    n = flat.numel()
-    nblocks = -(-n // blocksize)
+    n, encoder = flat.numel(), _encoder(quant_type, x.device)
     packed = torch.empty((n + 1) // 2, 1, dtype=torch.uint8, device=x.device)
-    absmax = torch.empty(nblocks, dtype=torch.float32, device=x.device)
-    tables = _encode_tables(quant_type, x.device)
-    step = _step(n, blocksize, x.device, parts=16)
+    absmax = torch.empty(-(-n // blocksize), dtype=torch.float32, device=x.device)
+    step = _step(n, blocksize, x.device, parts=16)  # whole blocks a pass: temporaries stay a fraction of x
     for start in range(0, n, step):
-        part = flat[start:start + step]
-        amax, scaled = scale_blocks(part, blocksize)  # (nb,), (nb * blocksize,) float32
+        amax, scaled = scale_blocks(flat[start:start + step], blocksize)  # (nb,), (nb * blocksize,) zero-padded
         absmax[start // blocksize:start // blocksize + amax.numel()] = amax
-        pairs = encode(scaled, tables).view(-1, 2)  # (nb * blocksize / 2, 2) even element -> high nibble
-        nbytes = (part.numel() + 1) // 2
+        pairs = encoder(scaled).view(-1, 2)  # (nb * blocksize / 2, 2): even element -> high nibble
+        nbytes = (min(step, n - start) + 1) // 2  # an odd n's last low nibble encodes the zero padding
         torch.add(pairs[:nbytes, 1], pairs[:nbytes, 0], alpha=16, out=packed[start // 2:start // 2 + nbytes, 0])
     return packed, absmax
 
@@ -137,82 +152,63 @@ def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, shape, blocksize
 
     `absmax` must be the float32 constants (restore double-quantized ones with double_quant first).
     """
-    _check(quant_type, blocksize)
-    if dtype not in DTYPES:
-        raise ValueError(f"dequantize_4bit supports {[str(d) for d in DTYPES]}, got {dtype}")
     shape = torch.Size(shape)
+    raw = _check_dequantize(packed, absmax, shape, blocksize, quant_type, dtype)  # (nbytes,) uint8
+    if CPU_TABLES and raw.device.type == "cpu" and not torch.compiler.is_compiling():
+        return _dequantize_tables(raw, absmax, shape, blocksize, quant_type, dtype)  # same bits, faster there
+    codes = torch.stack([raw >> 4, raw & 0xF], dim=1).view(-1)  # (2 * nbytes,) first element = high nibble
+    values = code_table(quant_type, raw.device)[codes.int()]  # (2 * nbytes,) float32
+    if absmax.numel() * blocksize > values.numel():  # a partial last block: pad it (the pad is cut below)
+        values = F.pad(values, (0, absmax.numel() * blocksize - values.numel()))  # (nblocks * blocksize,)
+    out = values.view(-1, blocksize) * absmax.unsqueeze(1)  # (nblocks, blocksize) one float32 multiply
+    return out.view(-1)[:shape.numel()].to(dtype).view(shape)  # one round-to-nearest-even cast
+
+
+def _check_dequantize(packed, absmax, shape, blocksize, quant_type, dtype) -> torch.Tensor:
+    """Validate dequantize_4bit's arguments (shapes and dtypes only: nothing reads tensor values) and return
+    the packed bytes as uint8 [(n + 1) // 2]; any quant_storage dtype holds the same bytes."""
+    _check(quant_type, blocksize)
+    if dtype not in DTYPES.values():
+        raise ValueError(f"dequantize_4bit supports {list(DTYPES)}, got {dtype}")
     n = shape.numel()
     nblocks, nbytes = -(-n // blocksize), (n + 1) // 2
-    raw = packed.reshape(-1).view(torch.uint8)  # any quant_storage dtype is the same bytes
+    raw = packed.reshape(-1).view(torch.uint8)
     if raw.numel() < nbytes or absmax.numel() != nblocks:
         raise ValueError(f"packed has {raw.numel()} bytes and absmax {absmax.numel()} values; shape {tuple(shape)} "
                          f"with blocksize {blocksize} needs {nbytes} and {nblocks}")
     if absmax.dtype != torch.float32:
         raise ValueError(f"absmax must be float32 (restore double-quantized absmax first), got {absmax.dtype}")
-    device = raw.device
-    raw = raw[:nbytes]
-    if raw.storage_offset() % 2:
-        raw = raw.clone()  # an int16 view needs 2-byte alignment
-    words = raw[:nbytes // 2 * 2].view(torch.int16)  # (nbytes // 2,) each word = 4 codes
-    table = _decode_table(quant_type, device)
-    # blocksize is even, so nblocks * blocksize >= 2 * nbytes: room for the pad nibble; the rest is ignored
-    out = torch.empty(nblocks * blocksize, dtype=dtype, device=device)
-    step = _step(n, blocksize, device)  # whole blocks: a multiple of 4 elements = whole int16 words
-    work = out if dtype == torch.float32 else torch.empty(min(out.numel(), step), device=device)  # float32
-    tail = 4 * words.numel()  # element index of an odd final byte's first code
-    for start in range(0, out.numel(), step):
-        stop = min(start + step, out.numel())
-        dst = out[start:stop] if dtype == torch.float32 else work[:stop - start]
-        w0, w1 = start // 4, min(stop // 4, words.numel())
-        if w1 > w0:
-            index = words[w0:w1].long().add_(32768)
-            torch.index_select(table, 0, index, out=dst[:4 * (w1 - w0)].view(-1, 4))  # (w1 - w0, 4)
-        if nbytes % 2 and start <= tail < stop:  # byte b = int16 word b (high byte 0): first two columns
-            dst[tail - start:tail - start + 2] = table[raw[-1].long() + 32768, :2]
-        dst.view(-1, blocksize).mul_(absmax[start // blocksize:stop // blocksize].unsqueeze(1))  # float32 multiply
-        if dtype != torch.float32:
-            out[start:stop].copy_(dst)  # one round-to-nearest-even cast, as torch .to()
-    return out[:n].view(shape)
+    return raw[:nbytes]
 
 
-def _restore_absmax(absmax, nested_absmax, nested_offset, nested_blocksize):
-    """float32 absmax from the stored form: as is, or double-quantized (8-bit + nested absmax + offset)."""
-    if nested_absmax is None:
-        return absmax
-    return dequantize_absmax(absmax, nested_absmax, nested_offset, nested_blocksize)
-
-
-def _dequantize_plain(packed, absmax, n, blocksize, code, dtype):
-    """The same maths in simple elementwise ops, for torch.compile to fuse into one GPU kernel."""
-    raw = packed.reshape(-1)
-    codes = torch.stack([raw >> 4, raw & 15], dim=1).reshape(-1)  # (2 * nbytes,) high nibble first
-    values = code[codes.long()]
-    nblocks = absmax.numel()
-    values = F.pad(values, (0, nblocks * blocksize - values.numel()))  # (nblocks * blocksize,)
-    return (values.view(nblocks, blocksize) * absmax.unsqueeze(1)).view(-1)[:n].to(dtype)
+def _dequantize_weight(weight, absmax, nested_absmax, nested_offset, meta, dtype):
+    """A Linear4bit's float weight: restore double-quantized absmax (elementwise, cheap), then dequantize."""
+    shape, blocksize, quant_type, nested_blocksize, _ = meta
+    if nested_absmax is not None:
+        absmax = dequantize_absmax(absmax, nested_absmax, nested_offset, nested_blocksize)
+    return dequantize_4bit(weight, absmax, shape, blocksize, quant_type, dtype)
 
 
 _compiled_dequantize = None  # built on first use; False once compiling failed (then eager, same bytes)
 
 
 def _dequantize(weight, absmax, nested_absmax, nested_offset, meta, dtype):
+    """_dequantize_weight, through torch.compile (one fused kernel) when the layer asks for it on CUDA in
+    eager mode. Inside an outer torch.compile (a compiled decoder layer) it is simply traced."""
     global _compiled_dequantize
-    shape, blocksize, quant_type, nested_blocksize, use_compile = meta
-    absmax = _restore_absmax(absmax, nested_absmax, nested_offset, nested_blocksize)
-    if use_compile and weight.is_cuda and _compiled_dequantize is not False:
+    if meta[-1] and weight.is_cuda and _compiled_dequantize is not False and not torch.compiler.is_compiling():
         if _compiled_dequantize is None:
-            _compiled_dequantize = torch.compile(_dequantize_plain)  # one graph per layer shape
-        code = (NF4_CODE if quant_type == "nf4" else FP4_CODE).to(weight.device)
+            _compiled_dequantize = torch.compile(_dequantize_weight)  # one graph per layer shape
         try:
-            return _compiled_dequantize(weight, absmax, shape[0] * shape[1], blocksize, code, dtype).view(shape)
+            return _compiled_dequantize(weight, absmax, nested_absmax, nested_offset, meta, dtype)
         except Exception as e:  # no Triton, an Inductor bug...: a training run should not die of an optimization
             warnings.warn(f"torch.compile of the 4-bit dequantize failed ({type(e).__name__}: {e}); "
                           "using the eager path from now on (train.py --compile off silences this)")
             _compiled_dequantize = False
-    return dequantize_4bit(weight, absmax, shape, blocksize, quant_type, dtype)
+    return _dequantize_weight(weight, absmax, nested_absmax, nested_offset, meta, dtype)
 
 
-# ---- the frozen 4-bit linear -------------------------------------------------------------------------------
+# ---- the frozen 4-bit linear --------------------------------------------------------------------------------
 
 class _Linear4bitFunction(torch.autograd.Function):
     """y = x W^T + b with W dequantized on the fly. Saves only the packed codes and constants (uint8 and a
@@ -242,7 +238,8 @@ class Linear4bit(nn.Module):
     Buffers: `weight` uint8 [(out*in + 1)//2, 1] packed codes; `absmax` float32 [nblocks], or uint8 when
     double-quantized together with `nested_absmax` float32 [ceil(nblocks/256)] and `nested_offset` float32
     0-d. `state_dict()` renames them to bitsandbytes'/transformers' checkpoint keys (weight.absmax, ...).
-    `compile = True` dequantizes through torch.compile on CUDA (one fused kernel; CPU keeps the eager path).
+    `compile = True` (train.py sets it per layer) dequantizes through torch.compile on CUDA in eager mode (one
+    fused kernel; a CPU keeps its table path); inside an outer torch.compile it changes nothing.
     """
 
     compile = False
@@ -251,8 +248,8 @@ class Linear4bit(nn.Module):
                  compute_dtype=torch.bfloat16, weight_dtype=torch.bfloat16, device=None):
         super().__init__()
         _check(quant_type, blocksize)
-        if weight_dtype not in DTYPES or compute_dtype not in DTYPES:
-            raise ValueError(f"weight_dtype and compute_dtype must be in {[str(d) for d in DTYPES]}")
+        if weight_dtype not in DTYPES.values() or compute_dtype not in DTYPES.values():
+            raise ValueError(f"weight_dtype and compute_dtype must be one of torch.{', torch.'.join(DTYPES)}")
         self.in_features, self.out_features = in_features, out_features
         self.quant_type, self.blocksize = quant_type, blocksize
         self.compute_dtype, self.weight_dtype = compute_dtype, weight_dtype
@@ -341,6 +338,9 @@ class Linear4bit(nn.Module):
         in_dtype = x.dtype
         x = x.to(self.compute_dtype)
         bias = None if self.bias is None else self.bias.to(self.compute_dtype)
+        # the constant tables reach this device here, once, outside the autograd.Function: a first copy inside
+        # it would be a side effect that torch.compile cannot trace
+        code_table(self.quant_type, self.weight.device), map_on(DYNAMIC_SIGNED, self.weight.device)
         y = _Linear4bitFunction.apply(x, self.weight, self.absmax, self.nested_absmax, self.nested_offset, bias,
                                       self._meta())
         return y.to(in_dtype)
@@ -381,7 +381,7 @@ class Linear4bit(nn.Module):
             destination[prefix + "weight.nested_absmax"] = keep(self.nested_absmax)
             destination[prefix + "weight.nested_quant_map"] = DYNAMIC_SIGNED.to(device, copy=True)
         blob = torch.tensor(list(self.quant_state_json()), dtype=torch.uint8)  # on the CPU, as bitsandbytes
-        destination[prefix + "weight.quant_state.bitsandbytes__" + self.quant_type] = blob
+        destination[prefix + QUANT_STATE_KEY + self.quant_type] = blob
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -398,11 +398,11 @@ class Linear4bit(nn.Module):
         elif self.bias is not None:
             missing_keys.append(prefix + "bias")
         mine.pop("bias", None)
-        known = {k for k in mine if k in _CHECKPOINT_SUFFIXES or k.startswith("weight.quant_state.bitsandbytes__")}
+        known = {k for k in mine if k in BNB_SUFFIXES or k.startswith(QUANT_STATE_KEY)}
         if strict:
             unexpected_keys.extend(prefix + k for k in mine if k not in known)
         needed = ["weight", "weight.absmax"] + ([] if any(k.startswith("weight.quant_state.") for k in mine)
-                                                else ["weight.quant_state.bitsandbytes__" + self.quant_type])
+                                                else [QUANT_STATE_KEY + self.quant_type])
         absent = [prefix + k for k in needed if k not in mine]
         if absent:
             missing_keys.extend(absent)
@@ -419,19 +419,51 @@ class Linear4bit(nn.Module):
         self._assign(state, device=None if self.weight.is_meta else self.weight.device)
 
 
-# ---- bitsandbytes / transformers checkpoint layout ---------------------------------------------------------
+# ---- bitsandbytes / transformers checkpoint layout (docs/bnb_format.md §4) -----------------------------------
+
+QUANT_STATE_KEY = "weight.quant_state.bitsandbytes__"  # + "nf4" | "fp4": the JSON blob; marks a 4-bit layer
+# a 4-bit layer's tensors in a checkpoint, after its module prefix ("model.layers.0.mlp.up_proj."); "bias"
+# may come too, never quantized
+BNB_SUFFIXES = ("weight", "weight.absmax", "weight.quant_map", "weight.nested_absmax", "weight.nested_quant_map",
+                QUANT_STATE_KEY + "nf4", QUANT_STATE_KEY + "fp4")
+
+
+def quantized_modules(keys) -> set:
+    """The module names stored 4-bit among checkpoint keys. bitsandbytes' own rule: a module is 4-bit iff its
+    `<module>.weight.quant_state.bitsandbytes__<type>` key exists."""
+    return {k[:k.index("." + QUANT_STATE_KEY)] for k in keys if "." + QUANT_STATE_KEY in k}
+
 
 def quant_state_json(quant_type, blocksize, dtype, shape, nested_offset=None, nested_blocksize=NESTED_BLOCKSIZE):
     """The JSON blob bitsandbytes stores (as uint8) under `weight.quant_state.bitsandbytes__<type>`:
     json.dumps defaults, this key order; the offset is the exact double of the float32 (shortest repr)."""
-    d = {"quant_type": quant_type, "blocksize": blocksize, "dtype": DTYPES[dtype], "shape": list(shape)}
+    d = {"quant_type": quant_type, "blocksize": blocksize, "dtype": str(dtype).removeprefix("torch."),
+         "shape": list(shape)}
     if nested_offset is not None:
         d.update(nested_blocksize=nested_blocksize, nested_dtype="float32", nested_offset=float(nested_offset))
     return json.dumps(d).encode("utf-8")
 
 
-_CHECKPOINT_SUFFIXES = ("weight", "weight.absmax", "weight.quant_map", "weight.nested_absmax",
-                        "weight.nested_quant_map")
+def parse_quant_state(blob, where: str = "quant_state") -> dict:
+    """The JSON blob (a uint8 tensor as stored, or bytes) as a dict, checked: quant_type, blocksize, a dtype
+    name of DTYPES ("bfloat16", ...), shape [out, in]; with double quant also nested_blocksize / nested_dtype /
+    nested_offset. `DTYPES[state["dtype"]]` is the original weight's dtype."""
+    raw = bytes(blob.detach().cpu().to(torch.uint8).tolist()) if isinstance(blob, torch.Tensor) else bytes(blob)
+    try:
+        state = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{where}: not a bitsandbytes quant_state JSON blob ({e})") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{where}: not a bitsandbytes quant_state JSON blob (a {type(state).__name__})")
+    _check(state.get("quant_type"), state.get("blocksize"))
+    shape = state.get("shape")
+    if state.get("dtype") not in DTYPES or not (isinstance(shape, list) and len(shape) == 2):
+        raise ValueError(f"{where}: unsupported quant_state dtype {state.get('dtype')!r} or shape {shape!r} "
+                         f"(need float32/bfloat16/float16 and [out_features, in_features])")
+    if "nested_offset" in state and (state.get("nested_blocksize", NESTED_BLOCKSIZE) not in BLOCKSIZES_8BIT
+                                     or state.get("nested_dtype", "float32") != "float32"):
+        raise ValueError(f"{where}: unsupported nested_blocksize/nested_dtype in {state}")
+    return state
 
 
 def _parse_quantized(tensors: dict, where: str) -> dict:
@@ -441,25 +473,16 @@ def _parse_quantized(tensors: dict, where: str) -> dict:
     weight; float32 absmax without double quant; CPU-made quirks (code 7 / absmax 1e-38 in all-zero
     blocks, lookup-table qabsmax bytes) need nothing special, they dequantize with the same formula.
     """
-    keys = [k for k in tensors if k.startswith("weight.quant_state.bitsandbytes__")]
+    keys = [k for k in tensors if k.startswith(QUANT_STATE_KEY)]
     if len(keys) != 1:
-        raise ValueError(f"{where}: expected one 'weight.quant_state.bitsandbytes__nf4|fp4' tensor, got {keys}")
-    unknown = sorted(set(tensors) - set(_CHECKPOINT_SUFFIXES) - set(keys))
+        raise ValueError(f"{where}: expected one '{QUANT_STATE_KEY}nf4|fp4' tensor, got {keys}")
+    unknown = sorted(set(tensors) - set(BNB_SUFFIXES) - set(keys))
     if unknown:
         raise ValueError(f"{where}: unexpected 4-bit checkpoint tensors {unknown}")
-    try:
-        state = json.loads(bytes(tensors[keys[0]].detach().cpu().to(torch.uint8).tolist()).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{where}: {keys[0]} is not a bitsandbytes quant_state JSON blob ({e})") from None
-    quant_type, blocksize = state.get("quant_type"), state.get("blocksize")
-    if quant_type != keys[0].rsplit("__", 1)[1]:
+    state = parse_quant_state(tensors[keys[0]], where=f"{where}: {keys[0]}")
+    quant_type, blocksize, shape = state["quant_type"], state["blocksize"], state["shape"]
+    if quant_type != keys[0].removeprefix(QUANT_STATE_KEY):
         raise ValueError(f"{where}: quant_state says quant_type {quant_type!r} but its key is {keys[0]}")
-    _check(quant_type, blocksize)
-    dtype = {name: d for d, name in DTYPES.items()}.get(state.get("dtype"))
-    shape = state.get("shape")
-    if dtype is None or not (isinstance(shape, list) and len(shape) == 2):
-        raise ValueError(f"{where}: unsupported quant_state dtype {state.get('dtype')!r} or shape {shape!r} "
-                         f"(need float32/bfloat16/float16 and [out_features, in_features])")
     if "weight" not in tensors or "weight.absmax" not in tensors:
         raise ValueError(f"{where}: missing 'weight' or 'weight.absmax'")
     n = shape[0] * shape[1]
@@ -479,8 +502,6 @@ def _parse_quantized(tensors: dict, where: str) -> dict:
         nmap = tensors.get("weight.nested_quant_map")
         if nmap is not None and not torch.equal(nmap.detach().float().cpu(), DYNAMIC_SIGNED):
             raise ValueError(f"{where}: weight.nested_quant_map is not the signed dynamic map")
-        if nested_blocksize not in BLOCKSIZES_8BIT or state.get("nested_dtype", "float32") != "float32":
-            raise ValueError(f"{where}: unsupported nested_blocksize/nested_dtype in {state}")
         nested_absmax = tensors["weight.nested_absmax"].detach().reshape(-1).float()
         nested_offset = torch.tensor(float(state["nested_offset"]), dtype=torch.float32, device=absmax.device)
         if nested_absmax.numel() != -(-nblocks // nested_blocksize):
@@ -493,21 +514,35 @@ def _parse_quantized(tensors: dict, where: str) -> dict:
     if absmax.numel() != nblocks:
         raise ValueError(f"{where}: absmax has {absmax.numel()} values, shape {shape} / blocksize {blocksize} "
                          f"needs {nblocks}")
-    return {"quant_type": quant_type, "blocksize": blocksize, "dtype": dtype, "shape": shape,
+    return {"quant_type": quant_type, "blocksize": blocksize, "dtype": DTYPES[state["dtype"]], "shape": shape,
             "weight": packed[:nbytes].reshape(nbytes, 1), "absmax": absmax, "nested_absmax": nested_absmax,
             "nested_offset": nested_offset, "nested_blocksize": nested_blocksize}
 
 
-# ---- speed: large lookup tables and cache-sized passes (CPU) -----------------------------------------------
-
-_CHUNK = {"cpu": 1 << 18}  # most elements per pass: L2-sized on CPU (measured), 1 << 24 on GPUs
+# ---- speed: lookup tables on the CPU --------------------------------------------------------------------------
+# The one switch. True: CPU tensors outside torch.compile go through the tables below, which give the same
+# bits as the plain path (tested over every fixture case) several times faster on a CPU. False: the plain
+# path everywhere. GPUs always take the plain path: there a random gather into a big table is what is slow
+# (measured on an H200: 95% of the old table-based dequantize's time), and a fused elementwise kernel is not.
+CPU_TABLES = True
+_CHUNK = {"cpu": 1 << 17}  # most elements per pass on the CPU (~1.5 MB of temporaries: L2-sized, measured)
 
 
 def _step(n: int, blocksize: int, device: torch.device, parts: int = 1) -> int:
-    """Elements per pass: whole blocks (so a multiple of 32), at most _CHUNK[device] and at most n / parts
-    (quantize uses 16 parts: its ~28 bytes of temporaries per element then stay below the input's size)."""
+    """Elements per pass: whole blocks (so a multiple of 32), at most _CHUNK[device] (1 << 24 on GPUs: few
+    launches) and at most n / parts (quantize uses 16 parts: its ~28 bytes of temporaries per element then
+    stay below the input's size)."""
     step = min(_CHUNK.get(device.type, 1 << 24), max(n // parts, 1 << 16))
     return max(blocksize, step // blocksize * blocksize)
+
+
+def _encoder(quant_type: str, device: torch.device):
+    """quantize_4bit's encoder (scaled float32 -> uint8 codes): the 65536-bin tables on the CPU (two gathers
+    and one compare per element instead of a binary search; double_quant.encode_tables), else the rule."""
+    if CPU_TABLES and device.type == "cpu":
+        tables = _encode_tables(quant_type, device)
+        return lambda scaled: encode(scaled, tables)
+    return lambda scaled: encode_reference(scaled, quant_type)
 
 
 _TABLES = {}
@@ -528,18 +563,30 @@ def _encode_tables(quant_type: str, device: torch.device):
     return _TABLES[key]
 
 
-_DECODE = {}
+def _byte_table(quant_type: str, device: torch.device) -> torch.Tensor:
+    """int64 [256]: byte b's two code values (table[b >> 4], table[b & 15]) as one 8-byte word. A 1-D gather
+    of 8-byte words from this 2 KB table (it stays in L1) is the fastest gather on a CPU that torch offers:
+    a gather of [k, 2] rows copies row by row, ~3x slower (measured)."""
+    def make():
+        b = torch.arange(256)
+        pairs = (NF4_CODE if quant_type == "nf4" else FP4_CODE)[torch.stack([b >> 4, b & 15], 1)]  # (256, 2)
+        return pairs.view(torch.int64).view(-1)  # (256,) each word = the pair's 8 bytes, in memory order
+    return cached_copy(quant_type + "_bytes", device, make)
 
 
-def _decode_table(quant_type: str, device: torch.device) -> torch.Tensor:
-    """[65536, 4] float32: the 4 code values of each packed int16 word (row = int16 value + 32768)."""
-    key = (quant_type, str(device))
-    if key not in _DECODE:
-        if sys.byteorder != "little":
-            raise RuntimeError("dequantize_4bit's int16 table assumes a little-endian machine")
-        # FP4 code 8 -> +0.0 as in the fixtures and bitsandbytes' torch path (its CUDA tree would give -0.0)
-        values = NF4_CODE if quant_type == "nf4" else FP4_CODE
-        word = torch.arange(-32768, 32768, dtype=torch.int64) & 0xFFFF
-        b0, b1 = word & 0xFF, word >> 8  # little-endian: the first byte is the low one
-        _DECODE[key] = values[torch.stack([b0 >> 4, b0 & 15, b1 >> 4, b1 & 15], 1)].to(device)  # (65536, 4)
-    return _DECODE[key]
+def _dequantize_tables(raw, absmax, shape, blocksize, quant_type, dtype):
+    """dequantize_4bit on the CPU, the same bits: per cache-sized pass one gather byte -> (value, value) and
+    one float32 multiply by the block absmax that writes the output dtype directly (rounded once)."""
+    table = _byte_table(quant_type, raw.device)
+    out = torch.empty(absmax.numel() * blocksize, dtype=dtype)  # (nblocks * blocksize,) the tail is cut below
+    step = _step(out.numel(), blocksize, raw.device)  # whole blocks: an even number of elements
+    work = torch.empty(min(step, out.numel()))  # float32
+    for start in range(0, out.numel(), step):
+        stop = min(start + step, out.numel())
+        values = work[:stop - start]
+        b0, b1 = start // 2, min(stop // 2, raw.numel())  # the bytes of this pass (fewer in a partial last block)
+        torch.index_select(table, 0, raw[b0:b1].int(), out=values[:2 * (b1 - b0)].view(torch.int64))
+        values[2 * (b1 - b0):].zero_()  # past the last byte: padding, cut below
+        torch.mul(values.view(-1, blocksize), absmax[start // blocksize:stop // blocksize].unsqueeze(1),
+                  out=out[start:stop].view(-1, blocksize))  # float32 multiply, one rounding to dtype
+    return out[:shape.numel()].view(shape)

@@ -59,9 +59,26 @@ def test_codebooks_equal_bitsandbytes():
     assert nf4.NF4_CODE[0] == -1 and nf4.NF4_CODE[15] == 1 and nf4.NF4_CODE[8] != -nf4.NF4_CODE[6]
 
 
+def test_nf4_table_derived_from_normal_quantiles():
+    """The literal NF4 table is exactly what its definition gives: float32 bits, not just close."""
+    assert torch.equal(bits(nf4.normal_map()), bits(nf4.NF4_CODE))
+    assert torch.equal(bits(nf4.normal_map()), bits(CODEBOOKS["nf4"]))
+    # the check can fail: the quantiles evaluated in float32 instead of double land 1-3 ulp off
+    single = torch.special.ndtri(torch.linspace(0.9677083, 0.5, 9)[:-1])
+    assert not torch.equal(bits(single), bits(torch.special.ndtri(torch.linspace(0.9677083, 0.5, 9)[:-1].double())
+                                              .float()))
+
+
 # ---- quantize / dequantize: every fixture case, bit for bit -------------------------------------------
+@pytest.fixture(params=[True, False], ids=["cpu-tables", "plain"])
+def path(request, monkeypatch):
+    """Both CPU paths of quantize/dequantize: the lookup tables (the default) and the plain ops GPUs run."""
+    monkeypatch.setattr(nf4, "CPU_TABLES", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_quantize_dequantize_fixture(case):
+def test_quantize_dequantize_fixture(case, path):
     meta = CASES[case]
     x = Q4[f"{case}.input"]
     packed, absmax = nf4.quantize_4bit(x, meta["blocksize"], meta["quant_type"])
@@ -115,9 +132,9 @@ def reference_quantize(x, blocksize, quant_type):
     return (codes[0::2] * 16 + codes[1::2]).view(-1, 1), absmax
 
 
-@pytest.mark.parametrize("dtype", list(nf4.DTYPES))
+@pytest.mark.parametrize("dtype", list(nf4.DTYPES.values()))
 @pytest.mark.parametrize("blocksize", nf4.BLOCKSIZES)
-def test_every_blocksize_and_dtype_matches_rule(dtype, blocksize, monkeypatch):
+def test_every_blocksize_and_dtype_matches_rule(dtype, blocksize, path, monkeypatch):
     monkeypatch.setitem(nf4._CHUNK, "cpu", 4096)  # several passes, a partial last one
     g = torch.Generator().manual_seed(blocksize)
     n = 3 * blocksize + 4096 + 5  # odd: the pad nibble; partial last block
@@ -135,6 +152,29 @@ def test_every_blocksize_and_dtype_matches_rule(dtype, blocksize, monkeypatch):
         codes = torch.stack([packed.view(-1) >> 4, packed.view(-1) & 15], 1).view(-1)[:n].long()
         ref = (table[codes] * absmax.repeat_interleave(blocksize)[:n]).to(dtype)
         assert torch.equal(bits(out), bits(ref))
+
+
+@pytest.mark.parametrize("quant_type", nf4.QUANT_TYPES)
+@pytest.mark.parametrize("dtype", list(nf4.DTYPES.values()))
+def test_plain_path_equals_table_path(quant_type, dtype, monkeypatch):
+    """The plain ops (the GPU and torch.compile path) and the CPU lookup tables give the same bits, compared
+    directly: every blocksize, an odd size with a partial last block, an all-zero block, dequantized with the
+    float32 absmax and with the double-quantized one. (Every fixture case is also checked against
+    bitsandbytes' bytes on both paths: the `path` fixture above.)"""
+    g = torch.Generator().manual_seed(3)
+    for blocksize in nf4.BLOCKSIZES:
+        n = 2 * blocksize + 4099
+        x = (torch.randn(n, generator=g) * 3).to(dtype)
+        x[:blocksize] = 0
+        results = {}
+        for tables in (True, False):
+            monkeypatch.setattr(nf4, "CPU_TABLES", tables)
+            packed, absmax = nf4.quantize_4bit(x, blocksize, quant_type)
+            restored = dq.dequantize_absmax(*dq.quantize_absmax(absmax))
+            results[tables] = [packed, absmax] + [nf4.dequantize_4bit(packed, a, x.shape, blocksize, quant_type, dtype)
+                                                  for a in (absmax, restored)]
+        for table_path, plain_path in zip(results[True], results[False]):
+            assert torch.equal(bits(table_path), bits(plain_path)), blocksize
 
 
 def test_no_big_intermediates():
@@ -209,7 +249,7 @@ def test_quantize_source_like_bitsandbytes(layer):
 
 @pytest.mark.parametrize("double_quant", [False, True])
 @pytest.mark.parametrize("case", [c for c in sorted(CASES) if len(CASES[c]["shape"]) == 2])
-def test_from_quantized_fixture_cases(case, double_quant):
+def test_from_quantized_fixture_cases(case, double_quant, path):
     lin = nf4.Linear4bit.from_quantized(case_tensors(case, double_quant))
     key = f"{case}.dq.dequant" if double_quant else f"{case}.dequant"
     if key in Q4:
@@ -375,3 +415,85 @@ def test_cuda_matches_cpu_and_memory():
     y = lin(inp)
     lin.compile = True
     torch.testing.assert_close(lin(inp), y, rtol=0, atol=0)
+
+
+# ---- the GPU path: one graph under torch.compile, no host tensors, no synchronization ------------------------
+def tiny_linear(double_quant):
+    torch.manual_seed(0)
+    return nf4.Linear4bit.from_weight(torch.randn(48, 96), bias=torch.randn(48), double_quant=double_quant,
+                                      compute_dtype=torch.float32)
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_linear4bit_compiles_as_one_graph(double_quant):
+    """torch.compile(fullgraph=True) over Linear4bit's forward and, through its autograd.Function, backward:
+    zero graph breaks, and the captured graphs (run by backend aot_eager: dynamo + AOTAutograd without the
+    C++ compile, seconds) give eager's output and input gradient bit for bit. The old table-based dequantize
+    broke the graph 5 times per layer (int16 views, storage_offset checks)."""
+    lin = tiny_linear(double_quant)
+    x = torch.randn(3, 96, requires_grad=True)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(lin)(x)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
+    packed, absmax = nf4.quantize_4bit(torch.randn(77), 32)
+    explained = torch._dynamo.explain(nf4.dequantize_4bit)(packed, absmax, (77,), 32, "nf4", torch.bfloat16)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
+    compiled = torch.compile(lin, backend="aot_eager", fullgraph=True)
+    grad = torch.randn(3, 48)
+    y = compiled(x)
+    y.backward(grad)
+    gx, x.grad = x.grad, None
+    y_eager = lin(x)
+    y_eager.backward(grad)
+    assert torch.equal(y, y_eager) and torch.equal(gx, x.grad)
+    torch._dynamo.reset()
+
+
+def test_device_path_touches_no_host_tensor():
+    """Off the CPU (the meta device stands in for CUDA) a forward + backward touches only tensors on the
+    weight's device once the constant tables are there (first call), and never reads a value back to the host
+    (aten._local_scalar_dense: .item() and friends, which make the host wait for the GPU)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            flat = torch.utils._pytree.tree_leaves((args, kwargs))
+            self.seen.append((str(func), {str(t.device) for t in flat if isinstance(t, torch.Tensor)}))
+            return func(*args, **(kwargs or {}))
+
+    for double_quant in (True, False):
+        lin = tiny_linear(double_quant).to("meta")
+        x = torch.randn(3, 96, device="meta", requires_grad=True)
+        lin(x).sum().backward()  # the first call copies the code tables to the device, once
+        with Record() as rec:
+            rec.seen = []
+            lin(x).sum().backward()
+        assert len(rec.seen) > 10 and all(devices <= {"meta"} for _, devices in rec.seen), rec.seen
+        assert not [f for f, _ in rec.seen if "_local_scalar_dense" in f or "item" in f]
+    # the check can fail: the old dequantize copied the 16-entry table from the host at every call
+    with Record() as rec:
+        rec.seen = []
+        nf4.NF4_CODE.to("meta")
+    assert any("cpu" in devices for _, devices in rec.seen)
+
+
+# ---- the checkpoint layout, as llama.py / merge.py use it ---------------------------------------------------
+def test_checkpoint_layout_functions():
+    modules = nf4.quantized_modules(CKPT)
+    assert len(modules) == 14 and "model.layers.0.mlp.down_proj" in modules  # 7 linears x 2 layers, no lm_head
+    for module in modules:
+        keys = {k[len(module) + 1:] for k in CKPT if k.startswith(module + ".")}
+        assert keys <= set(nf4.BNB_SUFFIXES) | {"bias"}
+        blob = CKPT[f"{module}.{nf4.QUANT_STATE_KEY}nf4"]
+        state = nf4.parse_quant_state(blob)
+        out_f, in_f = state["shape"]
+        assert nf4.DTYPES[state["dtype"]] == torch.bfloat16 and CKPT[f"{module}.weight"].numel() == (out_f * in_f) // 2
+        rebuilt = nf4.quant_state_json(state["quant_type"], state["blocksize"], nf4.DTYPES[state["dtype"]],
+                                       state["shape"], state["nested_offset"], state["nested_blocksize"])
+        assert rebuilt == bytes(blob.tolist()) and nf4.parse_quant_state(rebuilt) == state
+    with pytest.raises(ValueError, match="not a bitsandbytes quant_state"):
+        nf4.parse_quant_state(b"\xff{")
+    with pytest.raises(ValueError, match="unsupported quant_state dtype 'float64'"):
+        nf4.parse_quant_state(b'{"quant_type": "nf4", "blocksize": 64, "dtype": "float64", "shape": [2, 32]}')
+    with pytest.raises(ValueError, match="blocksize"):
+        nf4.parse_quant_state(b'{"quant_type": "nf4", "blocksize": 48, "dtype": "float32", "shape": [2, 32]}')
