@@ -126,8 +126,8 @@ def test_prepare_writes_the_splits(tmp_path, monkeypatch):
 
 
 def test_defaults_are_train_flags():
-    train = pytest.importorskip("train")
-    fields = {f for f in train.FIELDS}
+    train_config = pytest.importorskip("train_config")
+    fields = {f for f in train_config.FIELDS}
     assert set(demo_task.DEMO_TRAIN_DEFAULTS) <= fields
     assert demo_task.DEMO_TRAIN_DEFAULTS["quant"] == "nf4" and demo_task.DEMO_TRAIN_DEFAULTS["double_quant"]
     assert demo_task.DEMO_TRAIN_DEFAULTS["optim"].startswith("paged_adamw")

@@ -19,6 +19,7 @@ import llama
 import lm_loss
 import lora
 import train
+import train_config
 from tokenizer import Tokenizer
 
 GQA = HF / "gqa"
@@ -412,7 +413,7 @@ def test_bad_inputs_write_nothing(tmp_path, capsys):
 def test_cli_help_and_unknown_flag():
     help_run = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True)
     assert help_run.returncode == 0
-    for name in train.FIELDS:
+    for name in train_config.FIELDS:
         assert "--" + name.replace("_", "-") in help_run.stdout
     assert "--no-gradient-checkpointing" in help_run.stdout
     assert "(default: paged_adamw_32bit)" in " ".join(help_run.stdout.split())  # help text is line-wrapped
