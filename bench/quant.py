@@ -3,10 +3,12 @@ baseline and with bitsandbytes, plus the measured storage cost in bits per param
 
     python bench/quant.py [--quick] [--repeats 7] [--shape 4096 4096] [--threads N] [--no-compile] [--json FILE]
 
-Rows: `ours` (nf4.py: bin-table encoder, int16-word decode table), `ours+compile` (torch.compile of the
-plain elementwise dequantize, if it compiles here), `naive` (argmin over the 16 codes per element in
-1M-element chunks; unpack with shifts, table lookup, repeat_interleave of absmax) and `bnb` (bitsandbytes'
-quantize_4bit / dequantize_4bit on this device). Each cell is the median of `--repeats` timed calls after
+Rows: `ours` (nf4.py as it runs on this device: on a CPU its lookup tables, a 65536-bin encoder and a
+256-entry byte decoder), `ours-plain` (nf4.CPU_TABLES off: the plain elementwise path GPUs run, on this
+device), `ours+compile` (torch.compile of nf4.dequantize_4bit, which traces the plain path, if it compiles
+here), `naive` (argmin over the 16 codes per element in 1M-element chunks; unpack with shifts, table
+lookup, repeat_interleave of absmax) and `bnb` (bitsandbytes' quantize_4bit / dequantize_4bit on this
+device). Each cell is the median of `--repeats` timed calls after
 one warm-up, in million elements per second, at blocksize 64; "dq" = double quantization of the absmax
 constants included in the timed call. bitsandbytes is not a project dependency: when it cannot be imported
 here, its rows are measured by running this script under $REF_PYTHON (default /work/refvenv/bin/python,
@@ -43,29 +45,24 @@ def median_seconds(fn, repeats):
 
 
 # ---- implementations: each gives quantize(x, dq) -> state and dequantize(state, dtype) -> tensor ---------
-def ours():
+def ours(tables=True, dequantize_fn=nf4.dequantize_4bit):
+    """nf4 with its CPU lookup tables on (the default) or off (the plain path), or a compiled dequantize."""
     def quantize(x, dq):
+        nf4.CPU_TABLES = tables
         packed, absmax = nf4.quantize_4bit(x, BLOCKSIZE)
         return (packed, double_quant.quantize_absmax(absmax) if dq else absmax, x.shape)
 
     def dequantize(state, dtype):
+        nf4.CPU_TABLES = tables
         packed, absmax, shape = state
         if isinstance(absmax, tuple):
             absmax = double_quant.dequantize_absmax(*absmax)
-        return nf4.dequantize_4bit(packed, absmax, shape, BLOCKSIZE, "nf4", dtype)
+        return dequantize_fn(packed, absmax, shape, BLOCKSIZE, "nf4", dtype)
     return quantize, dequantize
 
 
 def ours_compiled():
-    compiled = torch.compile(nf4._dequantize_plain, dynamic=False)
-    quantize, _ = ours()
-
-    def dequantize(state, dtype):
-        packed, absmax, shape = state
-        if isinstance(absmax, tuple):
-            absmax = double_quant.dequantize_absmax(*absmax)
-        return compiled(packed, absmax, shape.numel(), BLOCKSIZE, nf4.NF4_CODE, dtype).view(shape)
-    return quantize, dequantize
+    return ours(dequantize_fn=torch.compile(nf4.dequantize_4bit, dynamic=False))
 
 
 def naive():
@@ -168,6 +165,8 @@ def main():
     rows, notes = [], []
     if args.only != "bnb":
         rows += measure("ours", ours(), shape, args.repeats)
+        rows += measure("ours-plain", ours(tables=False), shape, args.repeats)
+        nf4.CPU_TABLES = True
         rows += measure("naive", naive(), shape, args.repeats)
     try:
         rows += measure("bnb", bnb(), shape, args.repeats)
