@@ -50,6 +50,7 @@ from pathlib import Path
 
 import torch
 
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -62,6 +63,7 @@ from gpu_ops import ops_lines, optim_lines, section_dequant, section_optim  # no
 from gpu_setups import LORA, Timer, allocated, bnb_managed_bytes, buffer_bytes, hf_lora_model, hf_step, \
     import_baseline, is_oom, lora_model, managed_bytes, now, our_step, peak_allocated, reset_memory, set_compile, \
     sync  # noqa: E402
+
 
 TRAIN_FULL = [(4, 512, 32), (4, 512, 8), (1, 2048, 32), (1, 2048, 8), (1, 512, 32)]  # (batch, seq, optim bits)
 RUNS = {
@@ -92,7 +94,8 @@ def kernel_summary(events, cuda: bool, top: int = 8) -> dict:
     for e in events:
         if e.device_type == DeviceType.CPU:
             cpu_ops += 1
-        is_kernel = e.device_type == DeviceType.CUDA if cuda else (e.device_type == DeviceType.CPU and not e.cpu_children)
+        leaf_op = e.device_type == DeviceType.CPU and not e.cpu_children
+        is_kernel = e.device_type == DeviceType.CUDA if cuda else leaf_op
         if is_kernel:
             calls, us = per_name.get(e.name, (0, 0.0))
             per_name[e.name] = (calls + 1, us + e.time_range.elapsed_us())
@@ -101,6 +104,7 @@ def kernel_summary(events, cuda: bool, top: int = 8) -> dict:
     return dict(kernel_ms=total_us / 1e3, kernel_launches=sum(c for c, _ in per_name.values()), cpu_ops=cpu_ops,
                 top_kernels=[dict(name=n[:120], calls=c, ms=us / 1e3, share=us / total_us if total_us else 0.0)
                              for n, (c, us) in ranked])
+
 
 def profile_step(step, device: torch.device) -> dict:
     """torch.profiler over one call of step: its kernels (kernel_summary) and the profiled wall time."""
@@ -112,6 +116,7 @@ def profile_step(step, device: torch.device) -> dict:
         sync(device)
     wall_ms = (now() - t0) * 1e3
     return dict(profiled_wall_ms=wall_ms, **kernel_summary(prof.events(), device.type == "cuda"))
+
 
 def time_steps(step, device, warmup: int, steps: int, deadline: float) -> dict:
     """Median of up to `steps` timed steps after `warmup` (first steps: optimizer state, cuBLAS handles,
@@ -126,6 +131,7 @@ def time_steps(step, device, warmup: int, steps: int, deadline: float) -> dict:
     fit = int(min(deadline - now(), 1e6) * 1e3 / max(times[0], 1e-3)) - 2  # two steps' time kept for the profile
     times += [timer(step) for _ in range(max(1, min(steps - 1, fit)))]
     return dict(step_ms_median=statistics.median(times), step_ms=times, warmup_s=warmup_s)
+
 
 def train_config(make_step, managed, device, batch, seq, bits, warmup, steps, vocab, deadline, **record) -> dict:
     """Time one (batch, seq, optim_bits) configuration, memory from a clean peak, then profile one step."""
@@ -154,6 +160,7 @@ def train_config(make_step, managed, device, batch, seq, bits, warmup, steps, vo
     del step, opt
     return res
 
+
 def run_configs(configs, make_step, managed, device, run, deadline, params, progress, out, **record):
     """Each config in its share of the time left; an OOM is recorded as that config's result."""
     for k, (batch, seq, bits) in enumerate(configs):
@@ -173,6 +180,7 @@ def run_configs(configs, make_step, managed, device, run, deadline, params, prog
         for p in params:  # a step cut short leaves its gradients behind
             p.grad = None
         progress(out)
+
 
 def section_train(run: dict, device: torch.device, progress, deadline: float, compiled: bool = False) -> dict:
     """Our QLoRA step at each training config, --compile off (or auto: `compiled`), then offloaded activations."""
@@ -206,6 +214,7 @@ def section_train(run: dict, device: torch.device, progress, deadline: float, co
     reset_memory(device)
     return out
 
+
 def section_baseline(run: dict, device: torch.device, progress, deadline: float) -> dict:
     deps, why = import_baseline()
     if deps is None:
@@ -223,7 +232,8 @@ def section_baseline(run: dict, device: torch.device, progress, deadline: float)
     bnb, peft, transformers = deps
     out = dict(build_s=now() - t0, trainable_params=sum(p.numel() for p in params),
                model_bytes=allocated(device), build_peak_bytes=peak_allocated(device), configs=[],
-               versions=dict(transformers=transformers.__version__, peft=peft.__version__, bitsandbytes=bnb.__version__))
+               versions=dict(transformers=transformers.__version__, peft=peft.__version__,
+                             bitsandbytes=bnb.__version__))
     managed = bnb_managed_bytes if device.type == "cuda" else (lambda: 0)
     run_configs(run["train"], lambda ids, bits: hf_step(model, params, ids, bits, bnb, device), managed, device,
                 run, deadline, params, progress, out)
@@ -263,6 +273,7 @@ def train_lines(results: dict) -> list[str]:
                          f"{c['managed_bytes'] / GB:7.2f} {e['total_estimate'] / GB if e else float('nan'):8.2f}")
     return lines
 
+
 def ratio_lines(results: dict) -> list[str]:
     def rows(key):
         return {(c["batch"], c["seq_len"], c["optim_bits"]): c for c in results.get(key, {}).get("configs", [])
@@ -283,6 +294,7 @@ def ratio_lines(results: dict) -> list[str]:
                          f"{c['peak_total_bytes'] / GB:.2f} vs {o['peak_total_bytes'] / GB:.2f} GB")
     return lines
 
+
 def table(results: dict) -> str:
     env = results["env"]
     lines = [f"== bench/gpu.py: {env['device_name']}, torch {env['torch']}, shape {results['shape']}"
@@ -295,12 +307,14 @@ def table(results: dict) -> str:
         lines.append(f"ERRORS in sections: {', '.join(results['errors'])} (tracebacks in the JSON)")
     return "\n".join(lines)
 
+
 def write_json(path: Path, results: dict) -> None:
     """Atomic: a temp file in the same directory, then os.replace."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(results, indent=1, default=str))
     os.replace(tmp, path)
+
 
 def environment(device: torch.device) -> dict:
     env = dict(torch=torch.__version__, cuda=torch.version.cuda, device=str(device), python=sys.version.split()[0])
@@ -311,6 +325,7 @@ def environment(device: torch.device) -> dict:
     else:
         env.update(device_name="CPU", threads=torch.get_num_threads())
     return env
+
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
@@ -332,6 +347,7 @@ def parse_args(argv=None):
         ap.error(f"--only: unknown sections {sorted(unknown)}; choose from {','.join(SECTIONS + EXTRA_SECTIONS)}")
     return args
 
+
 def section_deadlines(names, budget_s, t0) -> dict:
     """Absolute deadline per section: its cumulative share of the budget (time a section leaves unused goes to
     the ones after it). Without a budget, none."""
@@ -343,6 +359,7 @@ def section_deadlines(names, budget_s, t0) -> dict:
         acc += SHARES[n] / total
         out[n] = t0 + budget_s * acc
     return out
+
 
 def main(argv=None) -> int:
     args = parse_args(argv)

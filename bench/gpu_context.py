@@ -23,27 +23,53 @@ from gpu_setups import DEFAULTS, Step, Timer, bnb_managed_bytes, hf_lora_model, 
 
 GiB = 2 ** 30
 
-def bisect_longest(fits, step: int, max_len: int, lo_len: int = 0, hi_len: int | None = None, stop=lambda: False):
+
+def bisect_longest(fits, step: int, max_len: int, lo_len: int = 0, hi_len: int | None = None, stop=lambda: False,
+                   guess=None):
     """The longest multiple of `step` up to `max_len` at which fits(length) holds, by bisection, assuming fits
     is monotone (true up to some length, false beyond). lo_len: a length known to fit (0: none); hi_len: one
-    known to fail (None: none). Returns (longest fit or 0, shortest failure or None, complete): when stop()
-    says so between probes, the bracket found so far with complete=False."""
+    known to fail (None: none). guess(lo_len, hi_len), if given, proposes the next length (None: no idea); it
+    is used, kept strictly inside the bracket, until two guesses in a row fail to halve it, then one midpoint
+    is taken. Returns (longest fit or 0, shortest failure or None, complete): when stop() says so between
+    probes, the bracket found so far with complete=False."""
     lo = lo_len // step
     hi = max_len // step + 1 if hi_len is None else hi_len // step  # the sentinel past max_len "fails"
+    poor = 0  # guesses in a row that did not halve the bracket
     while hi - lo > 1:
         if stop():
             break
-        mid = (lo + hi) // 2
+        mid, width = (lo + hi) // 2, hi - lo
+        proposal = guess(lo * step, hi * step) if guess is not None and poor < 2 else None
+        if proposal is not None:
+            mid = min(max(int(proposal) // step, lo + 1), hi - 1)
         if fits(mid * step):
             lo = mid
         else:
             hi = mid
+        poor = 0 if proposal is None or 2 * (hi - lo) <= width else poor + 1
     failure = hi * step if hi * step <= max_len else None
     return lo * step, failure, hi - lo <= 1
 
-def context_variant(name, step_at, zero_grad, device, ctx, deadline, lo_len=0, hi_len=None) -> dict:
-    """Bisect one variant's longest trainable length, each probe from a clean allocator; an OOM is a failure."""
-    probes = []
+
+def linear_guess(points: list, cap: int, step: int):
+    """A guess for bisect_longest from what the fitting probes used: peak reserved bytes grow about linearly
+    with the length (flash attention, a chunked loss, checkpoints: all O(T)), so the widest pair of fitting
+    probes (length, peak reserved) predicts where the peak meets the cap. Until there are two: 4 * step, then
+    8 * step, cheap probes that fit."""
+    def guess(lo_len, hi_len):
+        if len(points) < 2:
+            return next((k * step for k in (4, 8) if k * step > max(points, default=(0, 0))[0]), None)
+        (t0, r0), (t1, r1) = min(points), max(points)
+        if t1 <= t0 or r1 <= r0:
+            return None  # no growth measured (the CPU: nothing reserved): plain bisection
+        return t1 + (cap - r1) * (t1 - t0) / (r1 - r0)
+    return guess
+
+
+def context_variant(name, step_at, zero_grad, device, ctx, deadline, cap, points=None) -> dict:
+    """Bisect one variant's longest trainable length, each probe from a clean allocator; an OOM is a failure.
+    points: (length, peak reserved bytes) already measured with this variant, for the guess."""
+    probes, points = [], list(points or [])
 
     def fits(length):
         reset_memory(device)
@@ -55,21 +81,29 @@ def context_variant(name, step_at, zero_grad, device, ctx, deadline, lo_len=0, h
             if not is_oom(e):
                 raise
             oom = f"{type(e).__name__}: {str(e).splitlines()[0]}"[:160]
-        probe = dict(length=length, fits=oom is None, s=now() - t0, peak_allocated_bytes=peak_allocated(device))
+        probe = dict(length=length, fits=oom is None, s=now() - t0, peak_allocated_bytes=peak_allocated(device),
+                     peak_reserved_bytes=peak_reserved(device))
         if oom:
             probe["oom"] = oom
+        else:
+            points.append((length, probe["peak_reserved_bytes"]))
         zero_grad()  # a step cut short leaves its gradients; the exception (and its frames) is gone by now
         reset_memory(device)
         probes.append(probe)
         print(f"[context] {name}: {length} tokens {'fits' if oom is None else 'OOM'} ({probe['s']:.1f} s)", flush=True)
         return oom is None
 
-    longest, failure, complete = bisect_longest(fits, ctx["step"], ctx["max_len"], lo_len, hi_len,
-                                                stop=lambda: now() > deadline)
+    longest, failure, complete = bisect_longest(fits, ctx["step"], ctx["max_len"], stop=lambda: now() > deadline,
+                                                guess=linear_guess(points, cap, ctx["step"]))
     ok = sorted((p["length"], p["peak_allocated_bytes"]) for p in probes if p["fits"])
     per_token = ((ok[-1][1] - ok[0][1]) / (ok[-1][0] - ok[0][0])) if len(ok) > 1 and ok[-1][0] > ok[0][0] else None
     return dict(longest=longest, first_failure=failure, complete=complete, probes=probes,
                 peak_bytes_per_token=per_token)
+
+
+def peak_reserved(device) -> int:
+    return torch.cuda.max_memory_reserved() if device.type == "cuda" else 0
+
 
 def capped(device, ctx, managed_now: int):
     """Cap the caching allocator at cap_bytes minus the managed memory already held (the paged optimizer state
@@ -79,19 +113,35 @@ def capped(device, ctx, managed_now: int):
         torch.cuda.set_per_process_memory_fraction(cap / torch.cuda.get_device_properties(device).total_memory)
     return cap
 
+
 def uncap(device):
     if device.type == "cuda":
         torch.cuda.set_per_process_memory_fraction(1.0)
 
-def timed_at(step_at, length, device) -> float:
-    """tokens/s of one step at `length` after one untimed step there."""
+
+def time_at(step_at, length, device, probes, deadline) -> dict:
+    """tokens/s of one step at `length` after one untimed step there, if the two fit before `deadline` (judged
+    from the slowest probe that fit at or below that length)."""
+    seen = [p["s"] for p in probes if p["fits"] and p["length"] <= length] or [0.0]
+    if now() + 2 * max(seen) > deadline:
+        return dict(tokens_per_s_skipped="time budget")
     step_at(length)
     ms = Timer(device)(lambda: step_at(length))
-    return length / (ms / 1e3)
+    return dict(tokens_per_s=length / (ms / 1e3), tokens_per_s_at=length)
+
+
+def warm_up(step_at, device, length) -> tuple[int, int]:
+    """One step before the cap (it creates the optimizer state); returns (length, its peak reserved bytes)."""
+    reset_memory(device)
+    step_at(length)
+    sync(device)
+    return length, peak_reserved(device)
+
 
 def section_context(run: dict, device: torch.device, progress, deadline: float) -> dict:
     """Longest batch-1 context under the cap: transformers+PEFT+bnb first (expected the shortest: it is timed
-    at its own longest), then ours with offload off and on (one model), both timed at the longest common length."""
+    at its own longest), then ours with offload off and on (one model), both timed at the longest common length.
+    Shares of the time: 30% theirs, 30% ours plain, 30% ours offloaded, the rest for the timed steps."""
     ctx, shape = run["context"], SHAPES[run["shape"]]
     out = dict(cap_bytes=ctx["cap_bytes"], step=ctx["step"], max_len=ctx["max_len"], batch=1, optim_bits=32,
                model=run["shape"], variants={},
@@ -105,13 +155,14 @@ def section_context(run: dict, device: torch.device, progress, deadline: float) 
     else:
         out["variants"]["hf+bnb"] = context_hf(shape, device, deps, ctx, t_start + 0.3 * (deadline - t_start))
     progress(out)
-    theirs = out["variants"]["hf+bnb"].get("longest")
-    out["variants"].update(context_ours(shape, device, ctx, deadline, theirs))
+    context_ours(shape, device, ctx, deadline, out["variants"], lambda: progress(out))
     lengths = [v["longest"] for v in out["variants"].values() if v.get("longest")]
     out["longest_common"] = min(lengths) if lengths else 0
-    if theirs and out["longest_common"] != theirs:
-        out["variants"]["hf+bnb"]["tokens_per_s_note"] = "timed at its own longest, not the common length"
+    theirs = out["variants"]["hf+bnb"]
+    if theirs.get("tokens_per_s_at") and theirs["tokens_per_s_at"] != out["longest_common"]:
+        theirs["tokens_per_s_note"] = "timed at its own longest, not the common length"
     return out
+
 
 def context_hf(shape, device, deps, ctx, deadline) -> dict:
     bnb = deps[0]
@@ -126,21 +177,24 @@ def context_hf(shape, device, deps, ctx, deadline) -> dict:
         ids = torch.randint(0, vocab, (1, length), device=device)
         Step(lambda: model(input_ids=ids, labels=ids).loss, opt, params)()
 
-    step_at(ctx["step"])  # creates the optimizer state before the cap is set
+    first = warm_up(step_at, device, ctx["step"])
     managed = (bnb_managed_bytes() if device.type == "cuda" else 0) - managed_before
-    res = dict(cap_used_bytes=capped(device, ctx, managed), managed_bytes=managed)
+    cap = capped(device, ctx, managed)
+    res = dict(cap_used_bytes=cap, managed_bytes=managed)
     try:
-        res.update(context_variant("hf+bnb", step_at, lambda: opt.zero_grad(set_to_none=True), device, ctx, deadline))
-        if res["longest"] and now() < deadline:
-            res["tokens_per_s"] = timed_at(step_at, res["longest"], device)
-            res["tokens_per_s_at"] = res["longest"]
+        res.update(context_variant("hf+bnb", step_at, lambda: opt.zero_grad(set_to_none=True), device, ctx, deadline,
+                                   cap, [first]))
+        if res["longest"]:
+            res.update(time_at(step_at, res["longest"], device, res["probes"], deadline))
     finally:
         uncap(device)
         del model, params, opt
         reset_memory(device)
     return res
 
-def context_ours(shape, device, ctx, deadline, theirs) -> dict:
+
+def context_ours(shape, device, ctx, deadline, variants: dict, report) -> None:
+    """Ours, offload off then on, into variants["ours"] and variants["ours+offload"] (report() after each)."""
     reset_memory(device)
     model, _ = lora_model(shape, device)
     set_compile(model, device.type == "cuda")  # train.py's default there: --compile auto
@@ -156,47 +210,35 @@ def context_ours(shape, device, ctx, deadline, theirs) -> dict:
             return loss_sum / n_targets
         Step(loss, opt, params)()
 
-    step_at(ctx["step"])
+    first = warm_up(step_at, device, ctx["step"])
     managed = managed_bytes() - managed_before
-    out, cap = {}, capped(device, ctx, managed)
+    cap = capped(device, ctx, managed)
     zero = lambda: opt.zero_grad(set_to_none=True)  # noqa: E731
     has_offload = hasattr(model, "offload_activations")
     t0 = now()
-    try:  # shares of the time left: offload off 45%, on 45%, the two timed steps 10%
-        off = context_variant("ours", step_at, zero, device, ctx, t0 + 0.45 * (deadline - t0))
-        out["ours"] = dict(off, offload=False, cap_used_bytes=cap, managed_bytes=managed)
+    try:
+        off = context_variant("ours", step_at, zero, device, ctx, t0 + 0.45 * (deadline - t0), cap, [first])
+        variants["ours"] = dict(off, offload=False, cap_used_bytes=cap, managed_bytes=managed)
+        report()
         if has_offload:
-            model.offload_activations = True
-            end = t0 + 0.9 * (deadline - t0)
-            # offloading only moves memory off the card: search above the length that fit without it
-            on = (context_from(step_at, zero, device, ctx, end, off["longest"]) if off["longest"] else
-                  context_variant("ours+offload", step_at, zero, device, ctx, end))
-            out["ours+offload"] = dict(on, offload=True, cap_used_bytes=cap, managed_bytes=managed)
+            model.offload_activations = True  # a new slope: none of the points above apply
+            on = context_variant("ours+offload", step_at, zero, device, ctx, t0 + 0.9 * (deadline - t0), cap)
+            variants["ours+offload"] = dict(on, offload=True, cap_used_bytes=cap, managed_bytes=managed)
         else:
-            out["ours+offload"] = dict(unavailable="llama.Llama has no offload_activations attribute in this checkout")
-        lengths = [v["longest"] for v in out.values() if v.get("longest")] + ([theirs] if theirs else [])
+            variants["ours+offload"] = dict(unavailable="llama.Llama has no offload_activations attribute here")
+        report()
+        lengths = [v["longest"] for v in variants.values() if v.get("longest")]
         common = min(lengths) if lengths else 0
         for key, offload in (("ours", False), ("ours+offload", True)):
-            if common and out[key].get("longest") and now() < deadline:
+            if common and variants[key].get("longest"):
                 if has_offload:
                     model.offload_activations = offload
-                out[key].update(tokens_per_s=timed_at(step_at, common, device), tokens_per_s_at=common)
+                variants[key].update(time_at(step_at, common, device, variants[key]["probes"], deadline))
+                report()
     finally:
         uncap(device)
         del model, params, opt
         reset_memory(device)
-    return out
-
-def context_from(step_at, zero, device, ctx, deadline, known) -> dict:
-    """Bisection above a length that is expected to fit: probe it first, then search (known, max_len]."""
-    first = context_variant("ours+offload", step_at, zero, device, ctx, deadline, lo_len=known - ctx["step"],
-                            hi_len=known + ctx["step"])
-    if first["longest"] != known:  # it did not fit after all: search below it instead
-        rest = context_variant("ours+offload", step_at, zero, device, ctx, deadline, hi_len=known)
-    else:
-        rest = context_variant("ours+offload", step_at, zero, device, ctx, deadline, lo_len=known)
-    rest["probes"] = first["probes"] + rest["probes"]
-    return rest
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -208,20 +250,21 @@ def context_lines(results: dict) -> list[str]:
         return []
     lines = [f"context, {c['model']} batch 1, r 64 all-linear, paged AdamW 32, cap {c['cap_bytes'] / GiB:.0f} GiB "
              f"(bisection in steps of {c['step']} up to {c['max_len']}):",
-             f"  {'variant':14} {'longest':>8} {'fails at':>8} {'probes':>6} {'peak GiB':>8} {'B/token':>8} {'tok/s':>8} at"]
+             f"  {'variant':14} {'longest':>8} {'fails at':>8} {'probes':>6} {'peak GiB':>8} {'B/token':>8} "
+             f"{'tok/s':>8} at"]
     for name, v in c["variants"].items():
         if "longest" not in v:
             lines.append(f"  {name:14} {v.get('unavailable') or v.get('error') or 'not run'}"[:160])
             continue
         peak = max([p["peak_allocated_bytes"] for p in v["probes"] if p["fits"]], default=0) / GiB
         per_tok = f"{v['peak_bytes_per_token']:.0f}" if v.get("peak_bytes_per_token") else "-"
-        tps = f"{v['tokens_per_s']:.0f}" if "tokens_per_s" in v else "-"
+        tps = f"{v['tokens_per_s']:.0f}" if "tokens_per_s" in v else v.get("tokens_per_s_skipped", "-")[:8]
         longest = f"{v['longest']}{'' if v['complete'] else '+'}"
         lines.append(f"  {name:14} {longest:>8} {str(v['first_failure'] or '-'):>8} {len(v['probes']):>6} "
                      f"{peak:8.2f} {per_tok:>8} {tps:>8} {v.get('tokens_per_s_at', '')}")
     theirs = c["variants"].get("hf+bnb", {}).get("longest")
     ratios = "; ".join(f"{name} {v['longest'] / theirs:.1f}x" for name, v in c["variants"].items()
                        if theirs and name != "hf+bnb" and v.get("longest"))
-    lines.append(f"  longest common length {c.get('longest_common')}; vs hf+bnb: {ratios or '-'} [ours+offload >= 10x]; "
-                 "'+': bisection cut by the time budget")
+    lines.append(f"  longest common length {c.get('longest_common')}; vs hf+bnb: {ratios or '-'} "
+                 "[ours+offload >= 10x]; '+': bisection cut by the time budget")
     return lines

@@ -20,6 +20,7 @@ optimizer step live in host memory: the GPU keeps only what is gathered and the 
 QLoRA arXiv:2305.14314 §3 (4.127 bits per NF4 + DQ parameter); FSDP2: torch.distributed.fsdp.fully_shard.
 """
 
+
 GB = 1e9
 
 # HF config.json fields. Llama-2 has untied embeddings; 70B uses GQA (8 kv heads).
@@ -152,7 +153,8 @@ def estimate_table(est: dict, card_bytes: float = 24e9) -> list[str]:
                              f"{e32['activations_estimate'] / GB:7.2f} {e32['total_estimate'] / GB:8.2f} "
                              f"{e8['total_estimate'] / GB:7.2f}")
     if "70b_fsdp2_1x2048_adamw32" in est:
-        lines.append(f"70B with FSDP2, 1x2048 per rank, per-rank GB (estimate; 'fits' against {card_bytes / GB:.0f} GB):")
+        lines.append(f"70B with FSDP2, 1x2048 per rank, per-rank GB (estimate; 'fits' against "
+                     f"{card_bytes / GB:.0f} GB):")
         lines.append(f"  {'ranks':5} {'params':8} {'shard32':>7} {'gathered':>8} {'activ.':>6} {'GPU32':>6} "
                      f"{'GPU8':>6} {'host32':>6} fits32/8")
         for world in (2, 4):

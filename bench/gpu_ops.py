@@ -22,9 +22,9 @@ from gpu_memory import SHAPES, linear_shapes
 from gpu_setups import DEFAULTS, INIT_STD, LORA, Timer, bnb_linear, buffer_bytes, managed_bytes, now, \
     optional_import, reset_memory, sync
 
+
 BNB_OPTIMIZERS = (("adamw32", "AdamW32bit"), ("adamw8", "AdamW8bit"), ("paged_adamw32", "PagedAdamW32bit"),
                   ("paged_adamw8", "PagedAdamW8bit"))
-
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -59,6 +59,7 @@ def section_dequant(run: dict, device: torch.device, compiled: bool) -> dict:
     res["bitsandbytes"] = bnb_ops(w, x, ours, timer, reps, moved)
     return res
 
+
 def bnb_ops(w, x, ours, timer, reps, moved) -> dict:
     """bitsandbytes' dequantize_4bit and bnb.nn.Linear4bit forward on the same weight and input."""
     bnb, why = optional_import("bitsandbytes")
@@ -77,6 +78,7 @@ def bnb_ops(w, x, ours, timer, reps, moved) -> dict:
     except Exception as e:  # noqa: BLE001 - e.g. a CPU build without some kernel: say so, keep the rest
         out["error"] = f"{type(e).__name__}: {e}"[:300]
     return out
+
 
 def dequant_compiled(res, lin, x, timer, reps, moved) -> dict:
     """nf4's compiled path (Linear4bit.compile), the one training uses with --compile auto on CUDA."""
@@ -111,6 +113,7 @@ def lora_params(shape: dict, device: torch.device) -> list:
             params.append(p)
     return params
 
+
 def time_optimizer(make, params, timer, budget_s, reps) -> dict:
     opt = make(params)
     ms, times = timer.median(opt.step, 2, reps, budget_s)
@@ -119,6 +122,7 @@ def time_optimizer(make, params, timer, budget_s, reps) -> dict:
     del opt
     gc.collect()
     return dict(ms=ms, reps=len(times), state_bytes_per_param=state / sum(p.numel() for p in params))
+
 
 def ours_plain_vs_paged(params, bits, timer, per, reps) -> dict:
     """PagedAdamW with paged=False and True alternating, twice, so clock drift hits both alike."""
@@ -134,6 +138,7 @@ def ours_plain_vs_paged(params, bits, timer, per, reps) -> dict:
     out.update({f"adamw{bits}_plain_ms": plain, f"adamw{bits}_paged_ms": paged,
                 f"adamw{bits}_paged_over_plain": paged / plain})
     return out
+
 
 def section_optim(run: dict, device: torch.device, deadline: float) -> dict:
     """AdamW step times, same parameters and gradients: ours plain and paged, 32- and 8-bit; bitsandbytes' four;
@@ -178,6 +183,7 @@ def ms_cell(ms, width=12) -> str:
     """A number of ms, or the first words of why there is none."""
     return f"{ms:{width}.3f}" if isinstance(ms, (int, float)) else f"{(ms or '-')[:width]:>{width}}"
 
+
 def ops_lines(results: dict) -> list[str]:
     d, dc = results.get("dequant", {}), results.get("dequant_compiled", {})
     if "eager_ms" not in d:
@@ -197,6 +203,7 @@ def ops_lines(results: dict) -> list[str]:
                  f"{ms_cell(dc.get('linear_compiled_ms', comp if isinstance(comp, str) else '-'), 14)} "
                  f"{ms_cell(b.get('linear_ms', bnb_why), 14)}   bf16 matmul {d['matmul_ms']:.3f}")
     return lines
+
 
 def optim_lines(results: dict) -> list[str]:
     o = results.get("optim", {})

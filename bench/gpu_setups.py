@@ -19,6 +19,7 @@ import nf4
 import paged_adamw
 import train  # its loss, batch layout and defaults: the step measured is the step it runs
 
+
 COMMON = dict(max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False,
               attention_bias=False, mlp_bias=False, torch_dtype="bfloat16")
 # train.py's defaults are the QLoRA recipe (§4, Appendix B); the bench reads them rather than restating them.
@@ -29,16 +30,17 @@ DECODER_LINEARS = (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
                    ("mlp", ("gate_proj", "up_proj", "down_proj")))
 
 
-
 # ----------------------------------------------------------------------------------------------------------
 # clock and memory
 
 def now() -> float:
     return time.perf_counter()
 
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
+
 
 class Timer:
     """Times a callable: CUDA events on the GPU (device work is asynchronous), perf_counter on the CPU."""
@@ -68,14 +70,17 @@ class Timer:
             times.append(self(fn))
         return statistics.median(times), times
 
+
 def managed_bytes() -> int:
     """CUDA managed memory our paged optimizer holds right now (0 on the CPU)."""
     return paged_adamw.managed_bytes()
+
 
 def bnb_managed_bytes() -> int:
     """bitsandbytes' paged buffers: it appends every one to a global list and never frees them."""
     import bitsandbytes.functional as bnbf
     return sum(t.numel() * t.element_size() for t in bnbf.GlobalPageManager.get_instance().paged_tensors)
+
 
 def reset_memory(device: torch.device) -> None:
     gc.collect()
@@ -84,16 +89,20 @@ def reset_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
 
+
 def allocated(device: torch.device) -> int:
     return torch.cuda.memory_allocated() if device.type == "cuda" else 0
 
+
 def peak_allocated(device: torch.device) -> int:
     return torch.cuda.max_memory_allocated() if device.type == "cuda" else 0
+
 
 def is_oom(e: BaseException) -> bool:
     """An allocation that did not fit: the caching allocator's error, or a library's failed workspace."""
     text = str(e)
     return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in text or "ALLOC_FAILED" in text
+
 
 def optional_import(name: str):
     """(module, None), or (None, why): "not installed" when the package is absent, else the import error."""
@@ -105,6 +114,7 @@ def optional_import(name: str):
         return None, f"unavailable: {type(e).__name__}: {e}"[:300]
     except Exception as e:  # noqa: BLE001 - bitsandbytes can fail to load its native library in many ways
         return None, f"unavailable: {type(e).__name__}: {e}"[:300]
+
 
 def import_baseline():
     """(bnb, peft, transformers) or (None, why); bitsandbytes is checked first, it is the one most often absent."""
@@ -129,6 +139,7 @@ def fill_meta_parameters(model, device):
                         torch.randn(p.shape, device=device, dtype=torch.bfloat16) * INIT_STD)
                 module._parameters[pname] = torch.nn.Parameter(data, requires_grad=False)
 
+
 def build_model(shape: dict, device: torch.device, seed: int = 0) -> "llama.Llama":
     """A Llama with random NF4 + DQ decoder linears quantized on `device`, one weight at a time: built on the
     meta device, each linear's bf16 weight drawn, quantized and dropped before the next is drawn."""
@@ -151,6 +162,7 @@ def build_model(shape: dict, device: torch.device, seed: int = 0) -> "llama.Llam
         raise RuntimeError(f"tensors not on {device} after building: {leftover[:5]}")
     return model
 
+
 def lora_model(shape: dict, device: torch.device):
     model = build_model(shape, device)
     model.gradient_checkpointing = True
@@ -159,6 +171,7 @@ def lora_model(shape: dict, device: torch.device):
     model.to(device)  # the adapters, if add_lora created them on the CPU
     model.train()
     return model, n_trainable
+
 
 def set_compile(model, on: bool) -> None:
     """What train.py --compile auto (on, on CUDA) or off does to the model. train.py's own hook when it has
@@ -172,11 +185,13 @@ def set_compile(model, on: bool) -> None:
         if isinstance(module, nf4.Linear4bit):
             module.compile = on
 
+
 def lm_batch(ids: torch.Tensor) -> dict:
     """A train.py batch of random tokens: every next token is a target (no padding, nothing masked)."""
     targets = torch.full_like(ids, train.IGNORE)  # (B, T)
     targets[:, :-1] = ids[:, 1:]  # targets[t] = the token at t+1, as train.collate builds them
     return {"input_ids": ids, "targets": targets}
+
 
 class Step:
     """One optimizer step as train.py's loop runs it (one micro-batch): forward + loss, backward, clip the
@@ -194,6 +209,7 @@ class Step:
         self.opt.zero_grad(set_to_none=True)
         self.last_loss = loss.detach()
 
+
 def our_step(model, params, ids, bits):
     """train.make_optimizer with --optim paged_adamw_{32,8}bit, and train.lm_loss_sum's loss."""
     opt = paged_adamw.PagedAdamW(params, lr=DEFAULTS.lr, weight_decay=DEFAULTS.weight_decay, optim_bits=bits,
@@ -204,6 +220,7 @@ def our_step(model, params, ids, bits):
         loss_sum, n_targets = train.lm_loss_sum(model, batch)
         return loss_sum / n_targets
     return Step(loss, opt, params), opt
+
 
 def buffer_bytes(module) -> int:
     """Bytes of a module's own buffers and frozen non-bias parameters (its quantized weight and constants)."""
@@ -224,6 +241,7 @@ def bnb_linear(bnb, w: torch.Tensor):
     layer._parameters["weight"] = bnb.nn.Params4bit(w, requires_grad=False, compress_statistics=True,
                                                     quant_type="nf4", module=layer).to(w.device)
     return layer
+
 
 def build_hf_model(shape: dict, device: torch.device, bnb, transformers):
     """transformers' Llama on the meta device, each decoder linear a bnb Linear4bit of a random weight."""
@@ -250,6 +268,7 @@ def build_hf_model(shape: dict, device: torch.device, bnb, transformers):
         raise RuntimeError(f"HF baseline: tensors still on meta: {leftover[:5]}")
     return model
 
+
 def hf_lora_model(shape, device, deps):
     """The way most QLoRA users train: transformers Llama + bnb 4-bit, its gradient checkpointing, PEFT LoRA
     r 64 all-linear."""
@@ -269,6 +288,7 @@ def hf_lora_model(shape, device, deps):
     if elsewhere:  # PEFT puts adapters on the base layer's device; say so if a version does not
         raise RuntimeError(f"HF baseline: adapters not on {device}: {elsewhere[:3]}")
     return model, params
+
 
 def hf_step(model, params, ids, bits, bnb, device):
     if device.type == "cuda":

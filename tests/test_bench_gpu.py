@@ -162,7 +162,7 @@ def test_memory_table_counts(tiny_run):
             # QLoRA §3: NF4 + DQ = 4 + 8/64 + 32/(64*256) = 4.12695 bits per linear weight (+4 bytes of offset)
             assert 4.12695 < e32["bits_per_linear_param"] < 4.1270
             assert e32["total_estimate"] == (e32["base_4bit"] + e32["base_bf16"] + e32["adapters_and_optimizer"]
-                                            + e32["activations_estimate"])
+                                             + e32["activations_estimate"])
     # DESIGN.md: a 7B base is about 3.9 GB (3.34 GB of NF4 linears + 0.52 GB of bf16 embeddings and head)
     e = est["7b_1x512_adamw32"]
     assert 3.85e9 < e["base_4bit"] + e["base_bf16"] < 3.9e9
@@ -218,14 +218,40 @@ def test_bisection_finds_the_longest_fit_in_few_probes(parts):
     # bounds already known: nothing below lo_len or at/above hi_len is probed again
     probes = []
     longest, failure, _ = parts.context.bisect_longest(lambda n: probes.append(n) or n <= 40960, 1024, 131072,
-                                             lo_len=32768, hi_len=65536)
+                                                       lo_len=32768, hi_len=65536)
     assert (longest, failure) == (40960, 41984) and all(32768 < n < 65536 for n in probes)
     # cut by the clock after three probes: a valid bracket, marked incomplete
     calls = []
     longest, failure, complete = parts.context.bisect_longest(lambda n: calls.append(n) or n <= 5000, 1024, 131072,
-                                                    stop=lambda: len(calls) >= 3)
+                                                              stop=lambda: len(calls) >= 3)
     assert not complete and len(calls) == 3 and longest <= 5000 < failure
     assert longest == 0 and failure == 16384  # 65536, 32768, 16384 all failed
+
+
+def test_guided_bisection_lands_in_few_probes_and_survives_bad_guesses(parts):
+    ctx = parts.context
+    step, cap, fixed, per_token = 1024, 24 * 2 ** 30, 6.4e9, 150_000  # an affine peak: fixed + per_token * T
+    truth = int((cap - fixed) // per_token) // step * step
+    points, probes = [(step, fixed + per_token * step)], []
+
+    def fits(n):
+        probes.append(n)
+        peak = fixed + per_token * n
+        if peak <= cap:
+            points.append((n, peak))
+        return peak <= cap
+    longest, failure, complete = ctx.bisect_longest(fits, step, 131072, guess=ctx.linear_guess(points, cap, step))
+    assert complete and (longest, failure) == (truth, truth + step)
+    assert probes[0] == 4 * step and len(probes) <= 4, probes  # a cheap probe, the prediction, one either side
+    # a guess that is always wrong (one step above the known fit) falls back to midpoints: still exact
+    for limit in (0, 5000, 77777, 131072):
+        probes = []
+        longest, failure, complete = ctx.bisect_longest(lambda n: probes.append(n) or n <= limit, step, 131072,
+                                                        guess=lambda lo, hi: lo + step)
+        assert complete and longest == min(limit // step * step, 131072) and len(probes) <= 24
+    # no growth measured (the CPU reserves nothing): no prediction, plain bisection
+    guess = ctx.linear_guess([(16, 0), (64, 0)], cap, 16)
+    assert guess(64, 144) is None
 
 
 def _event(name, device, us, children=()):
@@ -288,7 +314,8 @@ def test_missing_packages_become_rows_that_say_so(gpu, parts, monkeypatch):
                    context=dict(model="7b", cap_bytes=24 * 2 ** 30, step=1024, max_len=131072, longest_common=8192,
                                 variants={"hf+bnb": dict(unavailable="bitsandbytes not installed"),
                                           "ours": dict(longest=8192, first_failure=None, complete=False,
-                                                       probes=[dict(length=8192, fits=True, peak_allocated_bytes=2 ** 33)],
+                                                       probes=[dict(length=8192, fits=True,
+                                                                    peak_allocated_bytes=2 ** 33)],
                                                        peak_bytes_per_token=None, tokens_per_s=900.0,
                                                        tokens_per_s_at=8192)}))
     text = gpu.table(results)
