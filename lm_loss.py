@@ -76,12 +76,13 @@ def lm_loss_sum(model, batch):
     device = model.lm_head.weight.device if hasattr(model.lm_head, "weight") else next(model.parameters()).device
     targets = batch["targets"]  # (B, T)
     picked = (targets != IGNORE).flatten().nonzero().squeeze(1)  # (N,) flat indices of the trained positions
-    y = to_device(targets.flatten()[picked], device)  # (N,)
     # Padding is on the right and attention is causal, so real tokens never see a pad: no mask is needed.
     # Packed rows carry position ids that restart at each row, left on the CPU: the model finds the
     # document boundaries there, without waiting for the device, and moves them itself.
     kwargs = {"position_ids": batch["position_ids"]} if "position_ids" in batch else {}
     hidden = model.hidden_states(to_device(batch["input_ids"], device), **kwargs)  # (B, T, C)
+    device = hidden.device  # FSDP's CPU offload keeps the weights on the CPU but computes on the GPU
+    y = to_device(targets.flatten()[picked], device)  # (N,)
     h = hidden.flatten(0, 1).index_select(0, to_device(picked, device))  # (B*T, C) -> (N, C)
     head = model.lm_head
     chunk_rows = loss_chunk_rows(model.config.vocab_size)
