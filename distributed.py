@@ -35,6 +35,9 @@ reduce-scattered. What FSDP2 needs from the 4-bit layers (found with torch 2.13,
   flattens a unit into one tensor of one dtype): FSDP2 keeps each parameter separate and, when a group
   mixes dtypes, all-gathers them all as raw uint8 bytes and views each back. Shards are padded on dim 0, so
   an uneven split (a 1-element nested_absmax on 2 ranks: 1 and 0 elements) is fine.
+- Integer Parameters need a torch whose fully_shard passes requires_grad=False when it re-creates them
+  (pytorch issue 177844): torch 2.13 does; torch 2.11 fails with "only Tensors of floating point dtype can
+  require gradients", which `shard` turns into a message asking for a newer torch.
 - It refuses 0-d parameters: the scalar `nested_offset` stays a replicated buffer (4 bytes a layer).
 - Gradients are summed (divide factor 1, SUM collectives: gloo has no AVG / PREMUL_SUM).
 - The trainer's forward is `hidden_states`, registered with `register_fsdp_forward_method`; the root is not
@@ -216,9 +219,16 @@ def shard(model: nn.Module, device: str, cpu_offload: bool = False) -> nn.Module
     mesh = init_device_mesh(device, (world_size(),))
     frozen_storage_as_parameters(model)
     policy = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
-    for layer in model.model.layers:
-        fully_shard(layer, mesh=mesh, offload_policy=policy)
-    fully_shard(model, mesh=mesh, offload_policy=policy)
+    try:
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh, offload_policy=policy)
+        fully_shard(model, mesh=mesh, offload_policy=policy)
+    except RuntimeError as e:  # older FSDP2 built every sharded Parameter with requires_grad=True first
+        if "only Tensors of floating point dtype can require gradients" not in str(e):
+            raise
+        raise ValueError(f"torch {torch.__version__}'s FSDP2 cannot shard the uint8 4-bit storage (pytorch issue "
+                         "177844, fixed in later releases; 2.13 works): upgrade torch, or train data-parallel "
+                         "without --fsdp") from e
     register_fsdp_forward_method(model, "hidden_states")  # the trainer's forward (see the docstring)
     for m in model.modules():
         if isinstance(m, FSDPModule):
