@@ -295,6 +295,13 @@ class PagedAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        """One AdamW update of every parameter with a gradient.
+
+        The host never waits for the GPU here (once the first step has allocated the state and put the
+        8-bit maps on the device): scalars are Python floats computed on the host, step counts are
+        Python ints, nothing is read back (.item(), bool(tensor)) and no host tensor is copied in, so
+        the step's kernels queue behind the backward pass while the host moves on.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():

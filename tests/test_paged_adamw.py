@@ -437,6 +437,26 @@ def test_paged_state_bookkeeping_on_cpu(monkeypatch, optim_bits):
             assert value == again.state[p][key] if key == "step" else torch.equal(value, again.state[p][key])
 
 
+@pytest.mark.parametrize("optim_bits", [32, 8])
+def test_step_reads_nothing_back_into_python(optim_bits):
+    # The CPU half of the CUDA sync test below: in a steady-state step (including one where a parameter
+    # has no gradient) no op reads a tensor's value into Python (item, is_nonzero, nonzero: each one a
+    # host-device synchronization on a GPU). Host-to-device copies are invisible on a CPU: the CUDA test.
+    params = make_params([(64, 80), (80, 64), (3, 257), (7,)])
+    opt = PagedAdamW(params, optim_bits=optim_bits, min_8bit_size=0, weight_decay=0.1)
+    set_grads(0, params)
+    opt.step()
+    names = set()
+    for step, skip in ((1, (0,)), (2, ())):
+        set_grads(step, params, skip=skip)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            opt.step()
+        names |= {e.name for e in prof.events()}
+    assert {"aten::cat", "aten::index_select"} <= names if optim_bits == 8 else "aten::_foreach_addcdiv_" in names
+    assert not names & {"aten::item", "aten::_local_scalar_dense", "aten::is_nonzero", "aten::nonzero",
+                        "aten::masked_select"}
+
+
 # ---------------------------------------------------------------------------------------------
 # CUDA: paged state, paging under memory pressure (skipped without a GPU)
 
