@@ -9,13 +9,14 @@ quantization", QLoRA arXiv:2305.14314 §3) and the two Adam moments of the 8-bit
     v_i     ~= code[q_i] * absmax_b
 
 The code book is the "dynamic" map of the 8-bit optimizers paper (§1.3 dynamic tree quantization, §2.2 its
-unsigned variant): a floating-point-like grid over 7 decades (1e-7 ... 1), dense near zero and coarse near
-+-1, so small and large values both keep about 2 significant digits. The signed map has 127 values per sign
-plus 0 and +1 (no -1); the unsigned map (Adam's second moment, which is >= 0) spends all 254 on the positive
-side.
+unsigned variant; docs/bnb_format.md §1.3): a floating-point-like grid over 7 decades (1e-7 ... 1), dense
+near zero and coarse near +-1, so small and large values both keep about 2 significant digits. The signed
+map has 127 values per sign plus 0 and +1 (no -1); the unsigned map (Adam's second moment, which is >= 0)
+spends all 254 on the positive side.
 
-Double quantization (QLoRA §3, "Double Quantization"): the NF4 absmax vector (one float32 per 64 weights,
-0.5 bit/parameter) is itself quantized. Its values are all positive and similar, so it is centred first:
+Double quantization (QLoRA §3, "Double Quantization"; docs/bnb_format.md §3): the NF4 absmax vector (one
+float32 per 64 weights, 0.5 bit/parameter) is itself quantized. Its values are all positive and similar, so
+it is centred first:
 
     offset   = mean(absmax)                                   (float32 0-d)
     qabsmax, nested_absmax = quantize_blockwise(absmax - offset, DYNAMIC_SIGNED, blocksize=256)
@@ -23,9 +24,9 @@ Double quantization (QLoRA §3, "Double Quantization"): the NF4 absmax vector (o
 
 which costs 8/64 + 32/(64*256) = 0.127 bit/parameter instead of 0.5 (so NF4 + DQ = 4.127 bits/param).
 
-Exactness (see the spec, bitsandbytes' CUDA kernel semantics): the scale is a float32 reciprocal then a
-multiply (not a division); "nearest" is decided against float32 midpoints, and a value exactly on a midpoint
-takes the *even* index (the CUDA binary search always lands on an even index first and moves only when
+Exactness (bitsandbytes' CUDA kernel semantics, docs/bnb_format.md §3.2): the scale is a float32 reciprocal
+then a multiply (not a division); "nearest" is decided against float32 midpoints, and a value exactly on a
+midpoint takes the *even* index (the CUDA binary search always lands on an even index first and moves only when
 strictly past the midpoint); an all-zero block gives 0 * inf = NaN -> code 0 with absmax 0.
 bitsandbytes' CPU 8-bit quantizer (a 65536-bin lookup table) sometimes picks a non-nearest code; it is not
 the reference, but its bytes dequantize with the same formula.

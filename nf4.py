@@ -1,51 +1,38 @@
 """4-bit NormalFloat (NF4) and FP4 blockwise quantization, bit-exact with bitsandbytes, and the frozen
 4-bit linear layer of QLoRA.
 
-NF4 (QLoRA arXiv:2305.14314 §3, "4-bit NormalFloat"). Pretrained weights are roughly zero-mean normal, so
-the 16 code values are quantiles of N(0, 1) rescaled to [-1, 1]: every code is about equally likely. To
-represent 0 exactly the two halves are built separately (delta = 0.9677083, Phi^-1 = the standard normal
-quantile function; `normal_map` below does it, docs/bnb_format.md §1.1):
+NF4 (QLoRA arXiv:2305.14314 §3). Pretrained weights are roughly zero-mean normal, so the 16 code values are
+quantiles of N(0, 1) rescaled to [-1, 1]: each code is about equally likely. To hold an exact 0 the halves
+are built apart (delta = 0.9677083, Phi^-1 the standard normal quantile; `normal_map`, docs/bnb_format.md §1.1):
 
     positive:  Phi^-1(linspace(delta, 0.5, 9)[:-1])   -> 8 values
     negative: -Phi^-1(linspace(delta, 0.5, 8)[:-1])   -> 7 values
     plus one exact 0; sort; divide by the largest; float32.
 
-So the table is *asymmetric*: 7 negative values, 0.0 at index 7, 8 positive values; +0.0796 is not the
-mirror of -0.0911. (A symmetric 8+8 table is a common mistake and cannot read real checkpoints.)
+So the table is *asymmetric* (7 negative values, 0.0 at index 7, 8 positive; +0.0796 does not mirror
+-0.0911); a symmetric 8+8 table is a common mistake and cannot read real checkpoints.
 
 Blockwise absmax quantization (QLoRA §2; 8-bit optimizers arXiv:2110.02861 §2.1; docs/bnb_format.md §2).
-The weight is flattened row-major and cut into blocks of `blocksize` (64) consecutive values; each block
-stores its float32 absmax and 4-bit codes
+The weight is flattened row-major and cut into blocks of `blocksize` (64) values; each block keeps its
+float32 absmax and one 4-bit code per value, two codes a byte (the even element in the high nibble):
 
     absmax_b = max |w_i|,   code_i = nearest table entry to w_i * (1 / absmax_b),
     w_i ~= table[code_i] * absmax_b        (one float32 multiply, then one rounding to the weight's dtype)
 
-and two codes share a byte, the first (even-indexed) element in the high nibble: uint8 [(n + 1) // 2, 1].
-"Nearest" is decided by the 15 float32 midpoints between neighbouring entries (a value exactly on one
-takes the lower code; NaN gives code 0; an all-zero block computes 0 * inf = NaN, so its codes are 0 and
-its absmax 0, as bitsandbytes' CUDA kernel does). FP4 is bitsandbytes' own E2M1-like format, decided by
-rounded decimal thresholds rather than exact midpoints (docs/bnb_format.md §1.2, §2.1); both are
-reproduced here.
-
-Double quantization (QLoRA §3, double_quant.py) turns the float32 absmax (32/64 = 0.5 bit/param) into 8-bit
-codes plus one float32 per 256 blocks: 4 + 8/64 + 32/(64*256) = 4.127 bits per parameter.
+"Nearest" means: compared with the 15 float32 midpoints, a tie taking the lower code; NaN -> code 0; an
+all-zero block computes 0 * inf = NaN, so codes 0 and absmax 0 (bitsandbytes' CUDA kernel). FP4 is
+bitsandbytes' E2M1-like format, decided by rounded decimal thresholds (§1.2, §2.1). Double quantization
+(QLoRA §3, double_quant.py) stores the absmax in 8 bits plus one float32 per 256 blocks: 4.127 bits/param.
 
 Reading order: the tables; the plain quantize and dequantize (shifts, a 16-entry table on the weight's
-device, one multiply: the path on GPUs and under torch.compile); the frozen linear; bitsandbytes'
-checkpoint layout; last, a "speed" section with the CPU-only lookup tables (a 65536-bin encoder and a
-256-entry byte decoder, same bits, several times faster there), behind one switch, `CPU_TABLES`.
+device, one multiply: the path on GPUs and under torch.compile, with no host-device synchronization and
+no data-dependent Python branch, so a compiled decoder layer is one graph); the frozen linear, whose
+autograd.Function saves only the packed weight and dequantizes again in backward (no float copy of W
+outlives a matmul; only the input gradient, W is frozen); bitsandbytes' checkpoint layout (§4); last, the
+CPU-only lookup tables behind one switch, `CPU_TABLES` (same bits, several times faster there).
 
-The frozen linear (`Linear4bit`) stores only the packed codes and constants; its autograd.Function saves
-exactly those for backward and dequantizes again there, so no float copy of the weight outlives a matmul
-(the memory trap of a plain `F.linear(x, dequantize(W))`). Only the input gradient is computed: the base
-weight is frozen, LoRA adapters (lora.py) carry the trainable parameters. The dequantize on its path does
-no host-device synchronization and no data-dependent Python branching, so `torch.compile(fullgraph=True)`
-of a whole decoder layer traces it in one graph.
-
-The bytes follow bitsandbytes 0.50's CUDA kernels and transformers' 4-bit checkpoint layout (keys, dtypes,
-shapes, the quant_state JSON; docs/bnb_format.md §4); the tests compare against bitsandbytes-made
-fixtures bit for bit. Deliberately left out: bitsandbytes' fused CUDA GEMV kernels, non-uint8 quant storage
-on write, 8-bit (LLM.int8) layers.
+Deliberately left out: bitsandbytes' fused CUDA GEMV kernels, non-uint8 quant storage on write, 8-bit
+(LLM.int8) layers. The tests compare against bitsandbytes-made fixtures bit for bit.
 """
 import json
 import warnings

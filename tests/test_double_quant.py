@@ -23,7 +23,7 @@ def bits(t):
 
 def nearest_reference(x, code, blocksize):
     """Brute force: per block absmax, x * (1/absmax), argmin distance; a value exactly halfway between
-    codes k and k+1 takes the even index (spec §3.2); NaN (all-zero block) -> 0."""
+    codes k and k+1 takes the even index (docs/bnb_format.md §3.2); NaN (all-zero block) -> 0."""
     n = x.numel()
     nblocks = -(-n // blocksize)
     xp = torch.cat([x.float(), x.new_zeros(nblocks * blocksize - n, dtype=torch.float32)]).view(nblocks, blocksize)

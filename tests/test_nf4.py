@@ -108,7 +108,7 @@ def test_bitsandbytes_cpu_zero_blocks_read_back(case):
 
 @pytest.mark.parametrize("quant_type", nf4.QUANT_TYPES)
 def test_bin_tables_equal_the_rule(quant_type):
-    """The fast 65536-bin encoder equals the spec's comparison rule on every bin edge, every decision
+    """The fast 65536-bin encoder equals the decision rule (docs/bnb_format.md §2.1) on every bin edge, every decision
     boundary +-4 ulp, specials, and a million random values (all 2^32 floats were checked once offline)."""
     lo, hi, _ = dq._bin_edges()
     bounds = torch.cat([nf4.NF4_THRESHOLDS, nf4.FP4_THRESHOLDS, -nf4.FP4_THRESHOLDS, torch.zeros(1)])
@@ -121,7 +121,7 @@ def test_bin_tables_equal_the_rule(quant_type):
 
 
 def reference_quantize(x, blocksize, quant_type):
-    """The spec's rule in plain torch, all at once (fine for small inputs)."""
+    """The rule of docs/bnb_format.md §2.1 in plain torch, all at once (fine for small inputs)."""
     n = x.numel()
     nblocks = -(-n // blocksize)
     xp = F.pad(x.reshape(-1).float(), (0, nblocks * blocksize - n)).view(nblocks, blocksize)
