@@ -1,5 +1,7 @@
 """Long context, the model side: packed rows without a dense (T, T) mask, the MLP computed in chunks of
 tokens, and checkpointed layer inputs offloaded to CPU memory; each exact against the plain path."""
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -40,20 +42,25 @@ def doc_loss(logits, ids):
     return F.cross_entropy(logits[:-1].float(), ids[1:], reduction="sum")
 
 
-class SquareTensors(TorchDispatchMode):
-    """Records every tensor that any aten op produces (forward and backward) having two dims equal to T:
-    a (T, T) mask or score matrix, whatever its leading dims."""
+class TensorSpy(TorchDispatchMode):
+    """Records (op, shape) of every tensor that any aten op produces, in forward and backward, for which
+    `suspect(shape)` is true."""
 
-    def __init__(self):
+    def __init__(self, suspect):
         super().__init__()
-        self.seen = []
+        self.suspect, self.seen = suspect, []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and list(t.shape).count(T) >= 2:
+            if isinstance(t, torch.Tensor) and self.suspect(tuple(t.shape)):
                 self.seen.append((str(func), tuple(t.shape)))
         return out
+
+
+def square(shape):
+    """Two dims equal to T: a (T, T) mask or score matrix, whatever its leading dims."""
+    return shape.count(T) >= 2
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -101,11 +108,11 @@ def test_packed_rows_allocate_nothing_quadratic(checkpointing):
     model.gradient_checkpointing = checkpointing
     model.train()
     ids, pos = packed_batch()
-    with SquareTensors() as spy:
+    with TensorSpy(square) as spy:
         model(ids, position_ids=pos).float().logsumexp(-1).mean().backward()
     assert spy.seen == []
     seg = torch.cat([torch.cat([torch.full((n,), i) for i, n in enumerate(row)])[None] for row in DOCS])
-    with SquareTensors() as control:
+    with TensorSpy(square) as control:
         dense = (seg[:, :, None] == seg[:, None, :]) & torch.ones(T, T, dtype=torch.bool).tril()
         model(ids, attention_mask=dense[:, None], position_ids=pos).float().logsumexp(-1).mean().backward()
     assert control.seen  # the (B, 1, T, T) mask and what SDPA derives from it
@@ -128,20 +135,10 @@ def mlp_chunks(model, size):
         layer.mlp.chunk_size = size
 
 
-class WideTensors(TorchDispatchMode):
-    """Records every tensor an aten op produces that holds more than CHUNK tokens' worth of F = 176
-    (intermediate_size) values: a (tokens, F) gate/up intermediate bigger than one chunk."""
-
-    def __init__(self):
-        super().__init__()
-        self.seen = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and 176 in t.shape and t.numel() // 176 > CHUNK:
-                self.seen.append((str(func), tuple(t.shape)))
-        return out
+def wide(shape):
+    """More than CHUNK tokens' worth of F = 176 (intermediate_size) values: a (tokens, F) gate/up
+    intermediate bigger than one chunk."""
+    return 176 in shape and math.prod(shape) // 176 > CHUNK
 
 
 def lora_like(model):
@@ -171,7 +168,7 @@ def test_chunked_mlp_equals_unchunked(checkpointing):
         params = lora_like(model)
         model.gradient_checkpointing = checkpointing
         model.train()
-        with WideTensors() as spy:
+        with TensorSpy(wide) as spy:
             logits = model(ids)
             logits.float().logsumexp(-1).mean().backward()
         results[size] = logits.detach(), [p.grad for p in params], spy.seen
