@@ -39,6 +39,7 @@ gpu_ops.py (the single-op sections), gpu_context.py (the context search), gpu_me
 
 Usage:  python bench/gpu.py [--tiny] [--json bench/gpu.json] [--only train,baseline,...] [--budget-s 330]
         python bench/gpu.py --only context --json bench/context.json --budget-s 120
+        python bench/gpu.py --report bench/gpu.json      # the table again, from the JSON
 """
 import argparse
 import json
@@ -339,6 +340,8 @@ def parse_args(argv=None):
                          f"(default: all but {','.join(EXTRA_SECTIONS)})")
     ap.add_argument("--steps", type=int, default=None, help="timed steps per training config (default 5; tiny 2)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps before them (default 2; tiny 1)")
+    ap.add_argument("--report", type=Path, default=None, metavar="JSON",
+                    help="print the table of a JSON an earlier run wrote (also one cut short), and exit")
     ap.add_argument("--budget-s", type=float, default=None,
                     help="seconds for the whole run, shared among the sections (default 330 on a GPU, none tiny)")
     args = ap.parse_args(argv)
@@ -363,6 +366,9 @@ def section_deadlines(names, budget_s, t0) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.report is not None:
+        print(table(json.loads(args.report.read_text())))
+        return 0
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tiny = args.tiny or device.type != "cuda"
     if device.type == "cpu":

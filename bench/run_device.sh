@@ -148,7 +148,8 @@ grep -E "^(FAILED|ERROR) " "$OUT/pytest_cuda.log" "$OUT/pytest_rest.log" | head 
 for part in cuda rest; do  # (a log cut by its time limit may end without a newline)
     tail -n 2 "$OUT/pytest_$part.log" | sed "s/^/  $part tests: /"; echo
 done
-# the tables again, so they are the last thing the reply shows
-sed -n '/^== bench\/gpu.py/,$p' "$OUT/bench.log"
-sed -n '/^context, /,$p' "$OUT/context.log"
+# the tables again, from the JSON (there even when a part was cut by its limit), last in the reply
+for part in gpu context; do
+    [ -s "$OUT/$part.json" ] && "$PY" bench/gpu.py --report "$OUT/$part.json" 2>&1 | grep -v '^USDT:'
+done
 [ "$rc_cuda" = 0 ] && [ "$rc_rest" = 0 ] && [ "$rc_bench" = 0 ] && [ "$rc_context" = 0 ]

@@ -347,6 +347,19 @@ def test_context_dry_run(tmp_path_factory):
     assert "longest common length 128" in stdout
 
 
+def test_table_is_printed_last_and_again_from_the_json(tiny_run, gpu, tmp_path, capsys):
+    data, stdout = tiny_run
+    lines = stdout.rstrip().splitlines()
+    header = max(i for i, line in enumerate(lines) if line.startswith("== bench/gpu.py"))
+    assert any(line.split()[:3] == ["minqlora", "2x32", "32"] for line in lines[header:])
+    assert lines[-1].startswith(("minqlora", "hf+bnb", "mq+compile", "  vs", "  offloaded", "ERRORS"))
+    # --report: the same table from the JSON (run_device.sh prints it so, even for a part cut by its limit)
+    path = tmp_path / "gpu.json"
+    path.write_text(json.dumps(data))
+    assert gpu.main(["--report", str(path)]) == 0
+    assert capsys.readouterr().out.rstrip().splitlines() == lines[header:]
+
+
 def test_unknown_section_is_an_error(gpu):
     with pytest.raises(SystemExit):
         gpu.parse_args(["--only", "train,nope"])
