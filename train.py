@@ -50,9 +50,10 @@ import llama
 import lora
 import nf4
 from data import IGNORE, batch_order, make_batch, pack, read_rows, show_example, split_eval, tokenize_rows
-from lm_loss import lm_loss_sum, loss_chunk_rows
+from lm_loss import lm_loss_sum
 from tokenizer import Tokenizer
-from train_config import TrainConfig, find_checkpoint, resolve_config
+from train_config import (TrainConfig, find_checkpoint, memory_estimate, resolve_config, resolve_device,
+                          resolve_dtype)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -98,35 +99,6 @@ def prepare_data(cfg, tokenizer):
                f"(nothing to train on)\nexample (text in [[...]] is context only, not trained on):\n"
                + show_example(*shown, tokenizer))
     return examples, eval_examples, summary
-
-
-def resolve_device(name):
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda, but torch sees no CUDA GPU (is the CUDA build of torch installed?)")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cpu":
-        warnings.warn("training on the CPU: fine for tiny models and the demo, very slow for 7B", stacklevel=2)
-    return name
-
-
-def cpu_has_bf16():
-    """bf16 matmuls in hardware (AVX512-BF16 / AMX). Measured on a 2-core AMD Zen 5 (avx512_bf16):
-    a 512x576x1536 matmul runs at ~950 GFLOP/s in bf16 against ~190 in fp32. Without these instructions
-    PyTorch emulates bf16 and fp32 is faster, so auto picks fp32 there."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_dtype(name, device):
-    if name != "auto":
-        return name
-    if device == "cuda":
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    return "bfloat16" if cpu_has_bf16() else "float32"
 
 
 def lr_factor(step, total_steps, warmup_steps, kind):
@@ -214,35 +186,6 @@ def peak_memory_gb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
-def memory_estimate(config, cfg, dtype):
-    """A rough device-memory budget from the config alone (bytes), printed at start-up."""
-    C, L, V, I = config.hidden_size, config.num_hidden_layers, config.vocab_size, config.intermediate_size
-    D = getattr(config, "head_dim", None) or C // config.num_attention_heads
-    q, kv = config.num_attention_heads * D, config.num_key_value_heads * D
-    shapes = [(C, q), (C, kv), (C, kv), (q, C), (C, I), (C, I), (I, C)]  # (in, out) of the 7 linears
-    linear = L * sum(i * o for i, o in shapes)
-    item = nf4.DTYPES[dtype].itemsize
-    if cfg.quant == "none":
-        bits = 8 * item
-    elif cfg.double_quant:
-        bits = 4 + 8 / cfg.blocksize + 32 / (cfg.blocksize * 256)  # QLoRA §3: 4.127 bits at blocksize 64
-    else:
-        bits = 4 + 32 / cfg.blocksize
-    weights = linear * bits / 8 + V * C * (1 if config.tie_word_embeddings else 2) * item
-    adapters = L * cfg.lora_r * sum(i + o for i, o in shapes) if cfg.lora_targets == "all-linear" else 0
-    optimizer = adapters * (4 + 4 + (2 if cfg.optim == "paged_adamw_8bit" else 8))  # weight, grad, 2 moments
-    tokens = cfg.batch_size * cfg.seq_len
-    # one layer's internals while it runs (in backward), attention scores counted as if materialized
-    scores = cfg.batch_size * config.num_attention_heads * cfg.seq_len ** 2 * 4
-    layer = tokens * (4 * C + 2 * kv + 3 * I) * item * 2 + scores
-    activations = (L * tokens * C * item + layer) if cfg.gradient_checkpointing else L * layer
-    loss = tokens * C * 4 + min(tokens, loss_chunk_rows(V)) * V * (4 + 2 + 2)  # fp32 + 2 bf16 logit copies
-    total = weights + optimizer + activations + loss
-    return (f"memory estimate: base weights {weights / 2**30:.2f} GiB + adapters and optimizer "
-            f"{optimizer / 2**20:.0f} MiB + activations {activations / 2**30:.2f} GiB + loss "
-            f"{loss / 2**20:.0f} MiB = ~{total / 2**30:.2f} GiB (+ framework overhead)")
-
-
 # ---------------------------------------------------------------------------------------------------
 # Checkpoints: written into a temp dir and swapped in, so a checkpoint-<step>/ dir is always complete.
 
@@ -303,8 +246,9 @@ def restore_checkpoint(resume_from, model, optimizer, scaler, device, steps_per_
     if rng["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
     if state["batch"] >= steps_per_epoch:
-        raise ValueError(f"{resume_from} stopped at batch {state['batch']} of epoch {state['epoch']}, but this data "
-                         f"with these batch settings has {steps_per_epoch} steps per epoch: resume with the run's settings")
+        raise ValueError(f"{resume_from} stopped at batch {state['batch']} of epoch {state['epoch']}, but this "
+                         f"data with these batch settings has {steps_per_epoch} steps per epoch: resume with the "
+                         "run's settings")
     print(f"resumed from {resume_from} at step {state['step']}")
     return state
 
