@@ -5,7 +5,7 @@ The float model never exists in memory (QLoRA, arXiv:2305.14314 §3): each tenso
 cast to the compute dtype (as transformers does before bitsandbytes quantizes, so the bytes match) and,
 for a linear layer other than lm_head, replaced at once by a frozen 4-bit `nf4.Linear4bit`, its float copy
 dropped. Peak memory is the quantized model plus one float tensor. A checkpoint that bitsandbytes already
-quantized (transformers' 4-bit layout, docs/bnb_format.md, "transformers checkpoint layout") is read as
+quantized (transformers' 4-bit layout, docs/bnb_format.md §4) is read as
 it is: its packed codes and constants become the `Linear4bit`, or are dequantized when no quantization
 is asked for.
 
@@ -39,8 +39,6 @@ except OSError:
 HUB_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
              "special_tokens_map.json", "chat_template.jinja", "model.safetensors.index.json",
              "model*.safetensors"]
-# bitsandbytes' marker of a 4-bit layer (docs/bnb_format.md, "transformers checkpoint layout")
-_QUANT_STATE = ".weight.quant_state.bitsandbytes__"
 _ITEMSIZE = {"U8": 1, "I8": 1, "F16": 2, "BF16": 2, "F32": 4}  # safetensors dtype -> bytes (quant_storage)
 
 
@@ -220,9 +218,7 @@ def check_quantization_config(qc: dict | None):
 def _check_keys(model: nn.Module, shapes: dict, tied: bool) -> dict[str, set]:
     """Strict key and shape check of the checkpoint headers against the model. Returns, for each module
     stored in bitsandbytes' 4-bit layout, the set of its key suffixes ("weight", "weight.absmax", ...)."""
-    # bitsandbytes' own rule (docs/bnb_format.md): a layer is 4-bit iff a `weight.quant_state.bitsandbytes__*`
-    # key exists
-    parts = {k.split(_QUANT_STATE)[0]: set() for k in shapes if _QUANT_STATE in k}
+    parts = {m: set() for m in nf4.quantized_modules(shapes)}  # bitsandbytes' reader rule, docs/bnb_format.md §4.1
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}  # tied: no lm_head.weight
     unexpected, wrong = [], []
     for key, (_, shape, dtype) in shapes.items():
