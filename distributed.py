@@ -256,12 +256,22 @@ def is_sharded(model: nn.Module) -> bool:
 
 
 def clip_grad_norm_(params: list, max_norm: float) -> torch.Tensor:
-    """torch.nn.utils.clip_grad_norm_, returning the norm as a plain tensor. Under FSDP2 torch takes the
-    norm over the sharded gradients as a DTensor (every rank's shard counts) and clips each shard by the
-    same global factor; full_tensor() finishes the norm's reduction for the caller."""
+    """torch.nn.utils.clip_grad_norm_ (2-norm over all gradients, scaled by min(1, max_norm / (norm + 1e-6))),
+    also for FSDP2's sharded gradients: each rank's sum of squares over its shards, all-reduced on the
+    communication device (also with CPU offload, where the shards live on the CPU). Returns the norm there."""
     from torch.distributed.tensor import DTensor
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-    return norm.full_tensor() if isinstance(norm, DTensor) else norm
+    grads = [p.grad for p in params if p.grad is not None]
+    if not any(isinstance(g, DTensor) for g in grads):
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
+    squares = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32).to(_device()) ** 2 for g in local])
+    total = squares.sum()
+    dist.all_reduce(total)  # SUM of every rank's shards
+    norm = total.sqrt()
+    coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)  # torch's formula
+    for g in local:  # the shards of the gradients, in place
+        g.mul_(coef.to(g.device))
+    return norm
 
 
 def optimizer_params(params: list) -> list:
@@ -298,7 +308,11 @@ def full_adapters(model: nn.Module, everywhere: bool = False):
                 for sub in (m.lora_A, m.lora_B):
                     p = sub.weight
                     if isinstance(p, DTensor):
-                        full = p.detach().full_tensor()  # all-gather: every rank takes part
+                        # all-gather (every rank takes part) on the communication device: with CPU offload
+                        # the shard itself lives on the CPU; shape/stride: FSDP2 splits unevenly
+                        local = p.detach().to_local().to(_device())
+                        full = DTensor.from_local(local, p.device_mesh, p.placements, shape=p.shape,
+                                                  stride=p.stride()).full_tensor()
                         if everywhere or is_main():
                             whole = nn.Parameter(full if everywhere else full.cpu(), requires_grad=False)
                             sub._parameters["weight"] = whole
