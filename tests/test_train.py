@@ -527,3 +527,26 @@ def test_training_step_never_waits_for_the_gpu(tok, quant, optim):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert grad_norm is not None and 0 < train.read_loss(loss, grad_norm, 2) < 20
+
+
+def test_offload_activations_flag(tmp_path, monkeypatch):
+    # --offload-activations parks each checkpointed layer input in CPU memory (llama.py): the same run,
+    # bit for bit (on the CPU the offload is a copy to pinned memory and back).
+    data_file = write_jsonl(tmp_path / "d.jsonl", memorize_rows(4))
+    args = ["--model", str(GQA), "--data", str(data_file), "--max-steps", "3", "--batch-size", "2",
+            "--grad-accum", "1", "--lr", "1e-2", *FAST]
+    offloads = []
+    monkeypatch.setattr(llama, "OffloadedCheckpoints",
+                        lambda *a, _cls=llama.OffloadedCheckpoints, **k: offloads.append(1) or _cls(*a, **k))
+    train.main(args + ["--output-dir", str(tmp_path / "plain")])
+    assert not offloads
+    train.main(args + ["--output-dir", str(tmp_path / "offload"), "--offload-activations"])
+    assert len(offloads) == 3  # one per training forward
+    assert json.loads((tmp_path / "offload" / "train_config.json").read_text())["offload_activations"] is True
+    assert [r["loss"] for r in metrics(tmp_path / "offload")] == [r["loss"] for r in metrics(tmp_path / "plain")]
+    fa, fb = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("plain", "offload"))
+    assert all(torch.equal(fa[k], fb[k]) for k in fa)
+    cfg = train.TrainConfig(model=str(GQA), lora_r=4, offload_activations=True)
+    assert train.load_model(cfg, GQA, "cpu", torch.float32).offload_activations is True
+    with pytest.raises(ValueError, match="needs --gradient-checkpointing"):
+        train.main(args + ["--output-dir", str(tmp_path / "x"), "--offload-activations", "--no-gradient-checkpointing"])
