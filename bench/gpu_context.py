@@ -144,7 +144,7 @@ def section_context(run: dict, device: torch.device, progress, deadline: float) 
     Shares of the time: 30% theirs, 30% ours plain, 30% ours offloaded, the rest for the timed steps."""
     ctx, shape = run["context"], SHAPES[run["shape"]]
     out = dict(cap_bytes=ctx["cap_bytes"], step=ctx["step"], max_len=ctx["max_len"], batch=1, optim_bits=32,
-               model=run["shape"], variants={},
+               model=run["shape"], compile="off", variants={},
                note="cap = cap_bytes - managed optimizer state, on the caching allocator; the CUDA context and "
                     "library workspaces outside it are not counted" if device.type == "cuda" else
                "CPU: nothing is capped, every probe fits (a dry run of the code path)")
@@ -197,7 +197,9 @@ def context_ours(shape, device, ctx, deadline, variants: dict, report) -> None:
     """Ours, offload off then on, into variants["ours"] and variants["ours+offload"] (report() after each)."""
     reset_memory(device)
     model, _ = lora_model(shape, device)
-    set_compile(model, device.type == "cuda")  # train.py's default there: --compile auto
+    # --compile off: a compiled layer would recompile for new lengths (tens of seconds each, more than a probe),
+    # and fused kernels only lower the peak, so eager gives the conservative length
+    set_compile(model, False)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = paged_adamw.PagedAdamW(params, lr=DEFAULTS.lr, weight_decay=DEFAULTS.weight_decay, optim_bits=32, paged=True)
     vocab, managed_before = shape["vocab_size"], managed_bytes()
@@ -248,7 +250,8 @@ def context_lines(results: dict) -> list[str]:
     c = results.get("context")
     if not c or "variants" not in c:
         return []
-    lines = [f"context, {c['model']} batch 1, r 64 all-linear, paged AdamW 32, cap {c['cap_bytes'] / GiB:.0f} GiB "
+    lines = [f"context, {c['model']} batch 1, r 64 all-linear, paged AdamW 32, ours --compile off, cap "
+             f"{c['cap_bytes'] / GiB:.0f} GiB "
              f"(bisection in steps of {c['step']} up to {c['max_len']}):",
              f"  {'variant':14} {'longest':>8} {'fails at':>8} {'probes':>6} {'peak GiB':>8} {'B/token':>8} "
              f"{'tok/s':>8} at"]

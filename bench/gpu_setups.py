@@ -174,16 +174,14 @@ def lora_model(shape: dict, device: torch.device):
 
 
 def set_compile(model, on: bool) -> None:
-    """What train.py --compile auto (on, on CUDA) or off does to the model. train.py's own hook when it has
-    one (train.apply_compile(model, mode)), else what train.load_model does today: the switch on every
-    4-bit linear."""
-    hook = getattr(train, "apply_compile", None)
-    if hook is not None:
-        hook(model, "on" if on else "off")
-        return
+    """What train.load_model does with --compile auto on CUDA (on) or --compile off, on a fresh model: the
+    compiled dequantize in every 4-bit linear, and each decoder layer compiled (train.compile_layers, when
+    train.py has it). Compiling a layer replaces its forward: a model is compiled once, never switched back."""
     for module in model.modules():
         if isinstance(module, nf4.Linear4bit):
             module.compile = on
+    if on and hasattr(train, "compile_layers"):
+        train.compile_layers(model)
 
 
 def lm_batch(ids: torch.Tensor) -> dict:

@@ -58,7 +58,8 @@ def _run_tiny(tmp_path_factory, *extra):
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    return _run_tiny(tmp_path_factory)
+    """Every section, the context search too (one process: the suite pays for torch's import once)."""
+    return _run_tiny(tmp_path_factory, "--only", ",".join(SECTIONS + ("context",)))
 
 
 def _numbers(x, path=""):
@@ -311,6 +312,8 @@ def test_missing_packages_become_rows_that_say_so(gpu, parts, monkeypatch):
                                             profile=dict(busy_fraction=0.9, kernel_launches=5000, top_kernels=[])),
                                        dict(batch=4, seq_len=512, optim_bits=8, offload=False, skipped="time budget")]),
                    baseline=dict(skipped="bitsandbytes not installed"),
+                   train_compiled=dict(compile_fallbacks=["torch.compile of the decoder layers failed (X)"],
+                                       configs=[]),
                    context=dict(model="7b", cap_bytes=24 * 2 ** 30, step=1024, max_len=131072, longest_common=8192,
                                 variants={"hf+bnb": dict(unavailable="bitsandbytes not installed"),
                                           "ours": dict(longest=8192, first_failure=None, complete=False,
@@ -328,11 +331,12 @@ def test_missing_packages_become_rows_that_say_so(gpu, parts, monkeypatch):
     assert any(line.split()[:4] == ["minqlora", "4x512", "8", "time"] for line in lines)
     assert any(line.split()[:3] == ["minqlora", "4x512", "32"] and "90%" in line for line in lines)
     assert any(line.split()[:3] == ["ours", "8192+", "-"] for line in lines)  # '+': cut by the clock
+    assert "mq+compile   WARNING, these rows ran eager: torch.compile of the decoder layers failed (X)" in lines
     assert any(line.split()[:2] == ["hf+bnb", "bitsandbytes"] for line in lines if "not installed" in line)
 
 
-def test_context_dry_run(tmp_path_factory):
-    data, stdout = _run_tiny(tmp_path_factory, "--only", "context")
+def test_context_dry_run(tiny_run):
+    data, stdout = tiny_run
     ctx = data["context"]
     assert data["errors"] == {} and ctx["step"] == 16 and ctx["max_len"] == 128
     ours = ctx["variants"]["ours"]
