@@ -195,9 +195,19 @@ def all_reduce_grads(params):
 # FSDP2
 
 def _fsdp():
+    # imported on use: torch.distributed.tensor takes seconds to import, which a one-device run never needs
     from torch.distributed.fsdp import (CPUOffloadPolicy, FSDPModule, OffloadPolicy, fully_shard,
                                         register_fsdp_forward_method)
     return CPUOffloadPolicy, FSDPModule, OffloadPolicy, fully_shard, register_fsdp_forward_method
+
+
+def _dtensor_type():
+    """FSDP2's parameter type, or a type nothing is an instance of when there is no process group (then
+    nothing can be sharded, and the import is skipped)."""
+    if not dist.is_initialized():
+        return type(None)
+    from torch.distributed.tensor import DTensor
+    return DTensor
 
 
 def frozen_storage_as_parameters(model: nn.Module):
@@ -252,14 +262,14 @@ def load_in_turns(build, device: str, cpu_offload: bool = False) -> nn.Module:
 
 
 def is_sharded(model: nn.Module) -> bool:
-    return isinstance(model, _fsdp()[1])
+    return dist.is_initialized() and isinstance(model, _fsdp()[1])
 
 
 def clip_grad_norm_(params: list, max_norm: float) -> torch.Tensor:
     """torch.nn.utils.clip_grad_norm_ (2-norm over all gradients, scaled by min(1, max_norm / (norm + 1e-6))),
     also for FSDP2's sharded gradients: each rank's sum of squares over its shards, all-reduced on the
     communication device (also with CPU offload, where the shards live on the CPU). Returns the norm there."""
-    from torch.distributed.tensor import DTensor
+    DTensor = _dtensor_type()
     grads = [p.grad for p in params if p.grad is not None]
     if not any(isinstance(g, DTensor) for g in grads):
         return torch.nn.utils.clip_grad_norm_(params, max_norm)
@@ -277,7 +287,7 @@ def clip_grad_norm_(params: list, max_norm: float) -> torch.Tensor:
 def optimizer_params(params: list) -> list:
     """What the optimizer should step: `params` themselves, or under FSDP2 one plain Parameter per
     DTensor sharing its local shard's memory (so any optimizer updates the shard in place)."""
-    from torch.distributed.tensor import DTensor
+    DTensor = _dtensor_type()
     if not any(isinstance(p, DTensor) for p in params):
         return params
     return [nn.Parameter(p.to_local(), requires_grad=True) if isinstance(p, DTensor) else p for p in params]
@@ -300,6 +310,9 @@ def full_adapters(model: nn.Module, everywhere: bool = False):
     """Inside: the LoRA weights are whole tensors (what lora.save_adapter writes and load_adapter fills),
     on rank 0 only (for saving) or on every rank (`everywhere`, for loading: what they hold on leaving is
     copied back into the shards). Every rank must enter: the gather is collective. No-op without FSDP."""
+    if not is_sharded(model):
+        yield
+        return
     from torch.distributed.tensor import DTensor, distribute_tensor
     swapped = []  # (module, its sharded Parameter, the whole one standing in for it)
     try:
@@ -346,7 +359,7 @@ def check_resume(saved: dict, fsdp: bool):
     (and sharded under FSDP), so they only fit the run that wrote them."""
     was = (saved.get("world_size", 1), bool(saved.get("fsdp", False)))
     if was != (world_size(), bool(fsdp)):
-        how = lambda n, f: (f"torchrun --nproc-per-node {n} train.py" if n > 1 else "python train.py") + (
+        how = lambda n, f: (f"torchrun --nproc-per-node {n} train.py" if n > 1 or f else "python train.py") + (
             " --fsdp" if f else "")
         raise ValueError(f"this checkpoint was written by {was[0]} process(es){' with --fsdp' if was[1] else ''}; "
                          f"this run has {world_size()}{' with --fsdp' if fsdp else ''}. Resharding is not supported: "
@@ -355,7 +368,7 @@ def check_resume(saved: dict, fsdp: bool):
 
 def local_bytes(model: nn.Module) -> dict:
     """Bytes this rank holds, by kind: 4-bit storage of the frozen linears, other frozen, trainable."""
-    from torch.distributed.tensor import DTensor
+    DTensor = _dtensor_type()
     out = {"4bit": 0, "frozen": 0, "trainable": 0}
     four_bit = {id(t) for m in model.modules() if isinstance(m, nf4.Linear4bit)
                 for name, t in (*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)) if name != "bias"}

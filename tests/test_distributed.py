@@ -27,8 +27,9 @@ from tokenizer import Tokenizer
 GQA = HF / "gqa"
 pytestmark = pytest.mark.filterwarnings("ignore:training on the CPU")
 RANKS, BATCH, STEPS, LR = 2, 2, 10, 1e-2
-# 20 rows of uneven lengths (a per-rank or per-micro-batch mean would weight them wrongly), 4 held out;
-# 2 x 2 rows x 2 micro-batches = 8 rows a step: 10 steps are 5 epochs, each reshuffled
+# 21 rows of uneven lengths (a per-rank or per-micro-batch mean would weight them wrongly), 4 held out.
+# Global micro-batches of 2 ranks x 2 rows take the 17 training rows as 4+4 | 4+4 | 1: the last one leaves
+# a rank without rows (it runs a masked row for the collectives). 10 steps are 3 reshuffled epochs and one step.
 COMMON = ["--model", str(GQA), "--max-steps", str(STEPS), "--lr", str(LR), "--grad-accum", "2",
           "--lora-r", "8", "--lora-alpha", "16", "--lora-dropout", "0", "--dtype", "float32", "--optim", "adamw",
           "--threads", "1", "--eval-fraction", "0.2", "--save-every", "5", "--save-total-limit", "0"]
@@ -46,7 +47,7 @@ def one_thread():
 def data(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "rows.jsonl"
     rows = [{"prompt": f"Q{i}: what is {i} plus {i}?", "completion": f" It is {2 * i}." + " Yes." * (i % 4)}
-            for i in range(20)]
+            for i in range(21)]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
