@@ -45,6 +45,7 @@ sparse gradients, bf16/f16/float64 parameters, bitsandbytes' `max_unorm` / perce
 import math
 import struct
 from collections import defaultdict
+from itertools import accumulate
 from typing import NamedTuple
 
 import torch
@@ -168,7 +169,7 @@ class _Bucket:
         self.params, self.state1, self.state2, self.absmax1, self.absmax2 = params, state1, state2, absmax1, absmax2
         self.numels = [p.numel() for p in params]
         self.lanes = [-(-n // BLOCKSIZE) * BLOCKSIZE for n in self.numels]
-        self.starts = [sum(self.lanes[:i]) for i in range(len(params))]
+        self.starts = list(accumulate(self.lanes, initial=0))[:-1]
         zeros = torch.zeros(BLOCKSIZE, device=state1.device)
         self.pads = [zeros[:lanes - n] for n, lanes in zip(self.numels, self.lanes)]  # float32 pad lanes
         self.chunks, first = [], 0  # (members range, state1 pad lanes of the chunk, from its first lane)
