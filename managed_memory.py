@@ -18,8 +18,8 @@ storage happens to be pageable. The allocation is freed when the last tensor (or
     arena_layout(specs), carve(arena, specs)   many buffers as views into one allocation
 
 An "arena" is one allocation that holds many buffers (each aligned, as cudaMalloc would align it): the
-paged optimizer keeps its state in one per dtype, so paging it back costs a prefetch or two per step, not one per
-tensor (Llama-2-7B's adapters have 448), and one allocation wastes less than hundreds of page-rounded ones.
+paged optimizer keeps its state in one per dtype, so paging it back costs a prefetch or two per step, not
+one per tensor (Llama-2-7B's adapters have 448), and wastes less than hundreds of page-rounded allocations.
 
 Traps named where they bite: the prefetch signature changed in CUDA 13 (a struct by value instead of an
 int, so the binding follows the runtime's version); prefetching is an error on devices without concurrent

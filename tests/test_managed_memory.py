@@ -83,7 +83,8 @@ def test_cuda_prefetch_is_ordered_on_the_current_stream():
 # Arenas: the layout is pure arithmetic, tested here on ordinary CPU tensors
 
 def test_arena_layout_aligns_and_packs_in_order():
-    specs = [((3,), torch.uint8), ((2, 5), torch.float32), ((0,), torch.float32), ((257,), torch.uint8), ((1,), torch.float32)]
+    specs = [((3,), torch.uint8), ((2, 5), torch.float32), ((0,), torch.float32), ((257,), torch.uint8),
+             ((1,), torch.float32)]
     offsets, size = managed_memory.arena_layout(specs)
     assert offsets == [0, 256, 512, 512, 1024] and size == 1028  # 3 B, 40 B, 0 B, 257 B, 4 B
     assert all(o % managed_memory.ARENA_ALIGN == 0 for o in offsets)

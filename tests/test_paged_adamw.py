@@ -227,9 +227,9 @@ def test_8bit_flat_runs_equal_the_per_tensor_reference(monkeypatch, chunk_lanes)
     mine, ref = make_params(shapes), make_params(shapes)
     group = dict(lr=2e-3, betas=(0.85, 0.995), eps=1e-6, weight_decay=0.05)
     opt = PagedAdamW8bit(mine, min_8bit_size=0, **group)
-    ref_state = [dict(step=0, state1=torch.zeros(p.shape, dtype=torch.uint8), state2=torch.zeros(p.shape, dtype=torch.uint8),
-                      absmax1=torch.zeros(-(-p.numel() // BLOCKSIZE)), absmax2=torch.zeros(-(-p.numel() // BLOCKSIZE)))
-                 for p in ref]
+    codes = lambda p: torch.zeros(p.shape, dtype=torch.uint8)  # noqa: E731
+    blocks = lambda p: torch.zeros(-(-p.numel() // BLOCKSIZE))  # noqa: E731
+    ref_state = [dict(step=0, state1=codes(p), state2=codes(p), absmax1=blocks(p), absmax2=blocks(p)) for p in ref]
     for step in range(8):
         skip = (1, 5) if step in (2, 3) else (4,) if step == 5 else ()
         set_grads(step, mine, ref, skip=skip)
