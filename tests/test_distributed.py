@@ -183,15 +183,13 @@ def test_fsdp_without_torchrun_explains(data, tmp_path):
 
 
 def test_a_failing_rank_ends_the_job_with_its_message(tmp_path):
+    worker = tmp_path / "worker.py"  # rank 1 fails; rank 0 waits for it in an all-reduce (10 min timeout)
+    worker.write_text(f"import sys; sys.path.insert(0, {str(ROOT)!r}); import distributed\n"
+                      "distributed.init('cpu', timeout_minutes=10)\n"
+                      "if distributed.rank() == 1:\n    raise ValueError('rank 1 failed on purpose')\n"
+                      "distributed.sum_across([1.0])\n")
     started = time.perf_counter()
-    result = torchrun([__file__], cwd=tmp_path, check=False, timeout=120)
+    result = torchrun([str(worker)], cwd=tmp_path, check=False, timeout=120)
     assert result.returncode != 0
     assert "rank 1 failed on purpose" in result.stderr
-    assert time.perf_counter() - started < 60  # rank 0 waited in an all-reduce; torchrun stopped it
-
-
-if __name__ == "__main__":  # the torchrun worker of the test above
-    distributed.init("cpu", timeout_minutes=10)
-    if distributed.rank() == 1:
-        raise ValueError("rank 1 failed on purpose")
-    distributed.sum_across([1.0])  # waits for rank 1, which never comes
+    assert time.perf_counter() - started < 60  # torchrun stopped rank 0 instead of letting it wait
