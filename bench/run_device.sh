@@ -124,8 +124,9 @@ EOF
 xdist_cuda="" xdist_rest=""
 if "$PY" -c "import xdist" 2>/dev/null; then
     cores=$(nproc 2>/dev/null || echo 2)
-    # whole files per worker (--dist loadfile): each file's tests keep their order and module fixtures
-    if [ "$cores" -ge 8 ]; then xdist_cuda="-n 4 --dist loadfile" xdist_rest="-n $((cores / 2)) --dist loadfile"; fi
+    # tests spread one by one (--dist load): the long ones (2-process torchrun tests, ~30-40 s each on a 2-core
+    # machine; the tiny bench's module fixture, ~40 s) land on different workers
+    if [ "$cores" -ge 8 ]; then xdist_cuda="-n 4 --dist load" xdist_rest="-n $((cores / 2)) --dist load"; fi
 fi
 timeout -k 10 "$LIMIT_TESTS" "$PY" -m pytest -q -rfEs -p no:cacheprovider --durations=10 $xdist_cuda -m cuda tests \
     >"$OUT/pytest_cuda.log" 2>&1 &
