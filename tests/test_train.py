@@ -550,3 +550,16 @@ def test_offload_activations_flag(tmp_path, monkeypatch):
     assert train.load_model(cfg, GQA, "cpu", torch.float32).offload_activations is True
     with pytest.raises(ValueError, match="needs --gradient-checkpointing"):
         train.main(args + ["--output-dir", str(tmp_path / "x"), "--offload-activations", "--no-gradient-checkpointing"])
+
+
+def test_decoder_layer_traces_as_one_graph():
+    # What --compile relies on for its speed: a whole decoder layer (4-bit linears with their dequantize,
+    # LoRA with dropout, RMSNorm, RoPE, attention, SwiGLU) is one graph for torch.compile, with no graph
+    # break (a .item(), a data-dependent branch or a host tensor would split it and sync the GPU).
+    cfg = train.TrainConfig(model=str(GQA), lora_r=4, compile="on")
+    model = train.load_model(cfg, GQA, "cpu", torch.float32).train()
+    x = torch.randn(2, 8, model.config.hidden_size)
+    cos, sin = model._rope(torch.arange(8)[None].expand(2, 8), x.dtype)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(model.model.layers[0].forward)(x, cos, sin)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
