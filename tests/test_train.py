@@ -238,7 +238,8 @@ def test_loss_falls_and_adapter_loads_back(tmp_path, tok):
     out = tmp_path / "run"
     train.main(["--model", str(GQA), "--data", str(data_file), "--output-dir", str(out), "--max-steps", "40",
                 "--lr", "1e-2", "--lora-r", "8", "--lora-dropout", "0", "--batch-size", "4", "--grad-accum", "1",
-                "--dtype", "float32", "--eval-fraction", "0.25", "--eval-every", "20", "--device", "cpu"])  # default optimizer
+                "--dtype", "float32", "--eval-fraction", "0.25", "--eval-every", "20",
+                "--device", "cpu"])  # default optimizer
     m = metrics(out)
     assert [r["step"] for r in m] == list(range(1, 41))
     assert m[-1]["loss"] < 0.2 * m[0]["loss"], (m[0]["loss"], m[-1]["loss"])
