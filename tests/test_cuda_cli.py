@@ -61,8 +61,7 @@ def test_train_bf16_compile_auto_paged_32(trained):
     assert (trained / "adapter_model.safetensors").is_file()
 
 
-@pytest.mark.parametrize("compile_flag,optim", [("off", "paged_adamw_32bit"), ("auto", "paged_adamw_8bit"),
-                                                ("off", "paged_adamw_8bit")])
+@pytest.mark.parametrize("compile_flag,optim", [("off", "paged_adamw_32bit"), ("auto", "paged_adamw_8bit")])
 def test_train_bf16_compile_and_optimizer_variants(rows, tmp_path, compile_flag, optim):
     out = tmp_path / "run"
     run("train.py", "--model", GQA, "--data", rows, "--output-dir", out, "--max-steps", "40",
