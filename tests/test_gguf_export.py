@@ -332,6 +332,13 @@ def test_linear_rope_scaling_keys(tmp_path):
     assert gguf_convert.hf_config(meta, set())["rope_scaling"] == {"rope_type": "linear", "factor": 4.0}
 
 
+def test_default_output_is_the_runs_gguf_dir(tmp_path):
+    adapter = tmp_path / "run"
+    shutil.copytree(ADAPTER, adapter)
+    out = merge.main(["--adapter", str(adapter), "--model", str(GQA), "--format", "gguf", "--gguf-type", "bf16"])
+    assert out == adapter / "gguf" and [p.name for p in out.iterdir()] == ["model-BF16.gguf"]
+
+
 def test_refusals_write_nothing(tmp_path):
     for change, message in (({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}},
                              "dynamic"), ({"model_type": "mistral"}, "llama")):
