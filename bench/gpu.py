@@ -16,12 +16,13 @@ download; the bf16 model never exists in memory). Sections, cheapest and most wa
                     at 4x512 and 1x2048 (AdamW 32 and 8) and 1x512; plus 4x512 with offloaded activations
   baseline          the same configs through transformers + PEFT + bitsandbytes (nf4, double quant, its
                     gradient checkpointing, bnb PagedAdamW 32/8)
-  train_compiled    ours with --compile auto (what train.py does on CUDA)
+  train_compiled    ours with --compile auto (what train.load_model does on CUDA: the compiled dequantize and
+                    train.compile_layers, each decoder layer one compiled graph)
   dequant_compiled  our compiled dequantize and 4-bit linear forward
   context           (only with --only context) the longest batch-1 sequence that trains one step under a
-                    24 GiB cap, by bisection in steps of 1024 up to 131072: ours with offloaded activations
-                    on and off, and transformers + PEFT + bnb with gradient checkpointing; tok/s at the
-                    longest length all of them reach
+                    24 GiB cap, by bisection in steps of 1024 up to 131072: ours (--compile off) with
+                    offloaded activations on and off, and transformers + PEFT + bnb with gradient
+                    checkpointing; tok/s at the longest length all of them reach (bench/gpu_context.py)
 
 Per training config: tokens/s = B*T / median step time (CUDA events, after warm-up); the GPU-busy fraction =
 the summed time of the GPU kernels torch.profiler records over one profiled step / the median wall time of the
@@ -29,10 +30,16 @@ unprofiled steps (the profiler slows the host, so its own wall time is not the d
 kernels; peak memory = torch.cuda.max_memory_allocated + the CUDA managed memory the paged optimizer holds
 (the caching allocator does not see it).
 
-Every section writes its numbers into the JSON (--json) as soon as it finishes, so a run cut short keeps what
-it measured; a failing section records its error and the others still run; bitsandbytes' rows say
-"not installed" when it is not. Without CUDA (or with --tiny) the same code runs on a tiny shape on the CPU:
-the CI smoke test (tests/test_bench_gpu.py). Its timings mean nothing, and on the CPU "busy" sums leaf ops.
+Every section (and training config) writes its numbers into the JSON (--json) as soon as it finishes, so a run
+cut short keeps what it measured (--report prints its table); a failing section records its error and the
+others still run; bitsandbytes' rows say "not installed" when it is not. Without CUDA (or with --tiny) the same
+code runs on a tiny shape on the CPU: the CI smoke test (tests/test_bench_gpu.py). Its timings mean nothing, and
+on the CPU "busy" sums leaf operators.
+
+Arithmetic behind the targets (QLoRA arXiv:2305.14314 §3-4): a 7B base in NF4 + DQ costs 4.127 bits per
+linear parameter = 3.3 GB for 6.5e9 linear parameters, plus 0.5 GB of bf16 embeddings and lm_head; a training
+step costs about 6 N T FLOPs (forward, recomputed forward, input-gradient backward: the frozen base gets no
+weight gradient), ~105 ms at 4x512 on an H200's ~790 TFLOP/s of bf16 matmul.
 
 The parts beside this file: gpu_setups.py (the two QLoRA setups measured, the clock and memory counters),
 gpu_ops.py (the single-op sections), gpu_context.py (the context search), gpu_memory.py (the estimate).

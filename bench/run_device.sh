@@ -4,8 +4,8 @@
 # brings $OUT back; at most 8 files, so exactly these 7):
 #   env.log                       GPU, driver, torch, and which packages import
 #   pytest_cuda.log, pytest_rest.log   python -m pytest -m cuda / -m "not cuda" tests, side by side (limit 100 s)
-#   bench.log, gpu.json           python bench/gpu.py, the 7B story (limit 215 s, --budget-s 190)
-#   context.log, context.json     python bench/gpu.py --only context, longest context under 24 GiB (limit 150 s)
+#   bench.log, gpu.json           python bench/gpu.py, the 7B story (limit 210 s, --budget-s 185)
+#   context.log, context.json     python bench/gpu.py --only context, longest context under 24 GiB (limit 145 s)
 # The limits can be changed with LIMIT_TESTS, LIMIT_BENCH and LIMIT_CONTEXT (seconds); the tables come last.
 #
 # Here first (no GPU needed), once per checkout, from any environment that has bitsandbytes installed:
@@ -83,8 +83,8 @@ fi
 OUT=${OUT:-$PWD/bench/out}
 mkdir -p "$OUT"
 LIMIT_TESTS=${LIMIT_TESTS:-100}
-LIMIT_BENCH=${LIMIT_BENCH:-215}
-LIMIT_CONTEXT=${LIMIT_CONTEXT:-150}
+LIMIT_BENCH=${LIMIT_BENCH:-210}
+LIMIT_CONTEXT=${LIMIT_CONTEXT:-145}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONDONTWRITEBYTECODE=1
 # Carried packages: the prepared site folder, and/or wheels (installed the way the device README says).
 if [ -d .whl/site ]; then export PYTHONPATH="$PWD/.whl/site${PYTHONPATH:+:$PYTHONPATH}"; fi
