@@ -318,16 +318,20 @@ class Linear4bit(nn.Module):
 
     def dequantize(self, dtype=None) -> torch.Tensor:
         """The float weight [out, in] (default: the original weight's dtype), bit-exact with bitsandbytes."""
+        self._tables_to_device()
         return _dequantize(self.weight, self.absmax, self.nested_absmax, self.nested_offset, self._meta(),
                            dtype or self.weight_dtype)
+
+    def _tables_to_device(self):
+        # The constant tables reach the weight's device here, once, before any dequantize (and outside the
+        # autograd.Function): a first copy inside it would be a side effect that torch.compile cannot trace.
+        code_table(self.quant_type, self.weight.device), map_on(DYNAMIC_SIGNED, self.weight.device)
 
     def forward(self, x):
         in_dtype = x.dtype
         x = x.to(self.compute_dtype)
         bias = None if self.bias is None else self.bias.to(self.compute_dtype)
-        # the constant tables reach this device here, once, outside the autograd.Function: a first copy inside
-        # it would be a side effect that torch.compile cannot trace
-        code_table(self.quant_type, self.weight.device), map_on(DYNAMIC_SIGNED, self.weight.device)
+        self._tables_to_device()
         y = _Linear4bitFunction.apply(x, self.weight, self.absmax, self.nested_absmax, self.nested_offset, bias,
                                       self._meta())
         return y.to(in_dtype)
