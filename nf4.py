@@ -168,6 +168,8 @@ def _check_dequantize(packed, absmax, shape, blocksize, quant_type, dtype) -> to
     return raw[:nbytes]
 
 
+# ---- the frozen 4-bit linear --------------------------------------------------------------------------------
+
 def _dequantize_weight(weight, absmax, nested_absmax, nested_offset, meta, dtype):
     """A Linear4bit's float weight: restore double-quantized absmax (elementwise, cheap), then dequantize."""
     shape, blocksize, quant_type, nested_blocksize, _ = meta
@@ -194,8 +196,6 @@ def _dequantize(weight, absmax, nested_absmax, nested_offset, meta, dtype):
             _compiled_dequantize = False
     return _dequantize_weight(weight, absmax, nested_absmax, nested_offset, meta, dtype)
 
-
-# ---- the frozen 4-bit linear --------------------------------------------------------------------------------
 
 class _Linear4bitFunction(torch.autograd.Function):
     """y = x W^T + b with W dequantized on the fly. Saves only the packed codes and constants (uint8 and a
