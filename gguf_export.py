@@ -249,6 +249,24 @@ def _scores(tokens, merges):
     return [-float(rank.get(t, len(merges))) for t in tokens]
 
 
+def _token_list(tok, spm, unk_id, vocab_size):
+    """(tokens, types) for every id below vocab_size: the ids the tokenizer leaves unused (an embedding
+    padded to a multiple of 64...) still need a token, "[PAD{i}]" of type UNUSED, as llama.cpp writes."""
+    vocab = tok.tokenizer.get_vocab(with_added_tokens=True)  # token -> id
+    if max(vocab.values()) >= vocab_size:
+        raise ValueError(f"the tokenizer has ids up to {max(vocab.values())}, but config.json's vocab_size is "
+                         f"{vocab_size}: the embedding has no row for them")
+    tokens, types = [f"[PAD{i}]" for i in range(vocab_size)], [TOKEN.UNUSED] * vocab_size
+    for token, i in vocab.items():
+        tokens[i] = token
+        types[i] = TOKEN.BYTE if spm and re.fullmatch(r"<0x[0-9A-F]{2}>", token) else TOKEN.NORMAL
+    for i, added in tok.tokenizer.get_added_tokens_decoder().items():
+        types[i] = TOKEN.CONTROL if added.special else TOKEN.USER_DEFINED
+    if spm and unk_id is not None:
+        types[unk_id] = TOKEN.UNKNOWN  # what sentencepiece calls it
+    return tokens, types
+
+
 def add_tokenizer(writer, model_dir, vocab_size):
     """The tokenizer.* keys, from tokenizer.json, tokenizer_config.json and the chat template."""
     model_dir = Path(model_dir)
@@ -263,25 +281,13 @@ def add_tokenizer(writer, model_dir, vocab_size):
     spm = bool(model.get("byte_fallback"))
     merges = _merges(model)
     if spm:
-        kind, pre, space_prefix = "llama", "default", _spm_space_prefix(spec.get("normalizer"), spec.get("pre_tokenizer"))
+        kind, pre = "llama", "default"
+        space_prefix = _spm_space_prefix(spec.get("normalizer"), spec.get("pre_tokenizer"))
     else:
         kind, (pre, space_prefix) = "gpt2", _gpt2_pre(spec.get("pre_tokenizer"))
-
-    vocab = tok.tokenizer.get_vocab(with_added_tokens=True)  # token -> id
-    if max(vocab.values()) >= vocab_size:
-        raise ValueError(f"the tokenizer has ids up to {max(vocab.values())}, but config.json's vocab_size is "
-                         f"{vocab_size}: the embedding has no row for them")
-    # ids the tokenizer leaves unused (an embedding padded to a multiple of 64...) still need a token
-    tokens, types = [f"[PAD{i}]" for i in range(vocab_size)], [TOKEN.UNUSED] * vocab_size
-    for token, i in vocab.items():
-        tokens[i] = token
-        types[i] = TOKEN.BYTE if spm and re.fullmatch(r"<0x[0-9A-F]{2}>", token) else TOKEN.NORMAL
-    for i, added in tok.tokenizer.get_added_tokens_decoder().items():
-        types[i] = TOKEN.CONTROL if added.special else TOKEN.USER_DEFINED
     unk = tokenizer_config.get("unk_token") or model.get("unk_token")
-    unk_id = vocab.get(unk["content"] if isinstance(unk, dict) else unk)
-    if spm and unk_id is not None:
-        types[unk_id] = TOKEN.UNKNOWN  # what sentencepiece calls it
+    unk_id = tok.tokenizer.token_to_id(unk["content"] if isinstance(unk, dict) else unk) if unk else None
+    tokens, types = _token_list(tok, spm, unk_id, vocab_size)
 
     writer.add_tokenizer_model(kind)
     writer.add_tokenizer_pre(pre)
