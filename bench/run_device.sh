@@ -6,7 +6,8 @@
 #   pytest_cuda.log, pytest_rest.log   python -m pytest -m cuda / -m "not cuda" tests, side by side (limit 100 s)
 #   bench.log, gpu.json           python bench/gpu.py, the 7B story (limit 210 s, --budget-s 185)
 #   context.log, context.json     python bench/gpu.py --only context, longest context under 24 GiB (limit 145 s)
-# The limits can be changed with LIMIT_TESTS, LIMIT_BENCH and LIMIT_CONTEXT (seconds); the tables come last.
+# The limits can be changed with LIMIT_TESTS, LIMIT_BENCH and LIMIT_CONTEXT (seconds), the parts run with
+# PARTS (default tests,bench,context); the tables come last, printed again from the JSON.
 #
 # Here first (no GPU needed), once per checkout, from any environment that has bitsandbytes installed:
 #     bash bench/run_device.sh --prepare
@@ -85,6 +86,7 @@ mkdir -p "$OUT"
 LIMIT_TESTS=${LIMIT_TESTS:-100}
 LIMIT_BENCH=${LIMIT_BENCH:-210}
 LIMIT_CONTEXT=${LIMIT_CONTEXT:-145}
+PARTS=${PARTS:-tests,bench,context}  # a rerun of some parts only: PARTS=bench,context
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONDONTWRITEBYTECODE=1
 # Carried packages: the prepared site folder, and/or wheels (installed the way the device README says).
 if [ -d .whl/site ]; then export PYTHONPATH="$PWD/.whl/site${PYTHONPATH:+:$PYTHONPATH}"; fi
@@ -128,30 +130,36 @@ if "$PY" -c "import xdist" 2>/dev/null; then
     # machine; the tiny bench's module fixture, ~40 s) land on different workers
     if [ "$cores" -ge 8 ]; then xdist_cuda="-n 4 --dist load" xdist_rest="-n $((cores / 2)) --dist load"; fi
 fi
-timeout -k 10 "$LIMIT_TESTS" "$PY" -m pytest -q -rfEs -p no:cacheprovider --durations=10 $xdist_cuda -m cuda tests \
-    >"$OUT/pytest_cuda.log" 2>&1 &
-pid_cuda=$!
-timeout -k 10 "$LIMIT_TESTS" "$PY" -m pytest -q -rfE -p no:cacheprovider --durations=10 $xdist_rest -m "not cuda" tests \
-    >"$OUT/pytest_rest.log" 2>&1 &
-pid_rest=$!
-wait "$pid_cuda"; rc_cuda=$?
-wait "$pid_rest"; rc_rest=$?
-
-timeout -k 10 "$LIMIT_BENCH" "$PY" bench/gpu.py --json "$OUT/gpu.json" --budget-s $((LIMIT_BENCH - 25)) 2>&1 \
-    | grep --line-buffered -v '^USDT:' | tee "$OUT/bench.log"
-rc_bench=${PIPESTATUS[0]}
-timeout -k 10 "$LIMIT_CONTEXT" "$PY" bench/gpu.py --only context --json "$OUT/context.json" \
-    --budget-s $((LIMIT_CONTEXT - 25)) 2>&1 | grep --line-buffered -v '^USDT:' | tee "$OUT/context.log"
-rc_context=${PIPESTATUS[0]}
+rc_cuda=skipped rc_rest=skipped rc_bench=skipped rc_context=skipped
+if [[ ",$PARTS," == *,tests,* ]]; then
+    timeout -k 10 "$LIMIT_TESTS" "$PY" -m pytest -q -rfEs -p no:cacheprovider --durations=10 $xdist_cuda -m cuda \
+        tests >"$OUT/pytest_cuda.log" 2>&1 &
+    pid_cuda=$!
+    timeout -k 10 "$LIMIT_TESTS" "$PY" -m pytest -q -rfE -p no:cacheprovider --durations=10 $xdist_rest \
+        -m "not cuda" tests >"$OUT/pytest_rest.log" 2>&1 &
+    pid_rest=$!
+    wait "$pid_cuda"; rc_cuda=$?
+    wait "$pid_rest"; rc_rest=$?
+fi
+if [[ ",$PARTS," == *,bench,* ]]; then
+    timeout -k 10 "$LIMIT_BENCH" "$PY" bench/gpu.py --json "$OUT/gpu.json" --budget-s $((LIMIT_BENCH - 25)) 2>&1 \
+        | grep --line-buffered -v '^USDT:' | tee "$OUT/bench.log"
+    rc_bench=${PIPESTATUS[0]}
+fi
+if [[ ",$PARTS," == *,context,* ]]; then
+    timeout -k 10 "$LIMIT_CONTEXT" "$PY" bench/gpu.py --only context --json "$OUT/context.json" \
+        --budget-s $((LIMIT_CONTEXT - 25)) 2>&1 | grep --line-buffered -v '^USDT:' | tee "$OUT/context.log"
+    rc_context=${PIPESTATUS[0]}
+fi
 
 echo "== run_device.sh exit codes (124: hit its time limit): pytest -m cuda $rc_cuda, rest $rc_rest," \
      "bench $rc_bench, context $rc_context"
-grep -E "^(FAILED|ERROR) " "$OUT/pytest_cuda.log" "$OUT/pytest_rest.log" | head -n 20
+grep -sE "^(FAILED|ERROR) " "$OUT/pytest_cuda.log" "$OUT/pytest_rest.log" | head -n 20
 for part in cuda rest; do  # (a log cut by its time limit may end without a newline)
-    tail -n 2 "$OUT/pytest_$part.log" | sed "s/^/  $part tests: /"; echo
+    [ -f "$OUT/pytest_$part.log" ] && { tail -n 2 "$OUT/pytest_$part.log" | sed "s/^/  $part tests: /"; echo; }
 done
 # the tables again, from the JSON (there even when a part was cut by its limit), last in the reply
 for part in gpu context; do
     [ -s "$OUT/$part.json" ] && "$PY" bench/gpu.py --report "$OUT/$part.json" 2>&1 | grep -v '^USDT:'
 done
-[ "$rc_cuda" = 0 ] && [ "$rc_rest" = 0 ] && [ "$rc_bench" = 0 ] && [ "$rc_context" = 0 ]
+for rc in "$rc_cuda" "$rc_rest" "$rc_bench" "$rc_context"; do [ "$rc" = 0 ] || [ "$rc" = skipped ] || exit 1; done
