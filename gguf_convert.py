@@ -67,7 +67,9 @@ TOKEN_CONTROL, TOKEN_USER_DEFINED = 3, 4
 # Pre-tokenizers by `tokenizer.ggml.pre`. Each entry reproduces both llama.cpp's regex list and the
 # original tokenizer.json: "smollm"/"starcoder"/"refact" split digits one by one before GPT-2's regex.
 _DIGITS_THEN_GPT2 = ("smollm", "starcoder", "refact", "codeshell")
-_GPT2 = ("gpt2", "mpt", "olmo")  # llama.cpp's "default" (no `pre` key) is a different regex: not supported
+# llama.cpp names GPT-2's regex "gpt-2" (what gguf_export writes); "gpt2" is accepted as well. Its
+# "default" (no `pre` key) is a different regex: not supported.
+_GPT2 = ("gpt-2", "gpt2", "mpt", "olmo")
 
 # GGUF tensor name -> HF name. Per-block names are the part after "blk.{i}.".
 _TOP_LEVEL = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
