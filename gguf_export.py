@@ -41,7 +41,7 @@ What llama.cpp's `convert_hf_to_gguf.py` (class `LlamaModel`) writes for a Llama
               in one of the two tokenizer families the project loads from tokenizer.json:
       "gpt2"   byte-level BPE (Llama 3, SmolLM2, ...): the merges as "left right" strings and a `pre`
                name for llama.cpp's pre-tokenizer regex, read from the tokenizer.json pre-tokenizer:
-               GPT-2's ("gpt2"), digits split first ("smollm"), Llama 3's regex ("llama-bpe").
+               GPT-2's ("gpt-2"), digits split first ("smollm"), Llama 3's regex ("llama-bpe").
       "llama"  SentencePiece BPE with byte fallback, as transformers converts Llama 1/2 and Mistral:
                scores instead of merges. llama.cpp's SentencePiece tokenizer repeatedly joins the adjacent
                pair whose joined token has the highest score; giving the token made by merge r the score
@@ -204,7 +204,7 @@ def _gpt2_pre(pre_tokenizer):
     parts = _pieces(pre_tokenizer, "pretokenizers")
     kinds = [p["type"] for p in parts]
     if kinds == ["ByteLevel"] and parts[0]["use_regex"]:
-        name = "gpt2"
+        name = "gpt-2"  # llama.cpp's spelling; "gpt2" is unknown to it
     elif kinds == ["Digits", "ByteLevel"] and parts[0]["individual_digits"] and parts[1]["use_regex"]:
         name = "smollm"  # each digit alone, then GPT-2's regex (= llama.cpp's "starcoder"/"smollm")
     elif (kinds == ["Split", "ByteLevel"] and parts[0]["pattern"].get("Regex") == LLAMA3_REGEX

@@ -160,7 +160,7 @@ def test_byte_level_tokenizer_round_trip(exported):
     assert (mine.bos_id, mine.eos_ids, mine.pad_id, mine.adds_bos) == (orig.bos_id, orig.eos_ids, orig.pad_id, True)
     assert mine.chat_template == orig.chat_template
     meta, _ = metadata(exported["f16"][0])
-    assert meta["tokenizer.ggml.pre"] == "gpt2" and meta["tokenizer.ggml.add_space_prefix"] is False
+    assert meta["tokenizer.ggml.pre"] == "gpt-2" and meta["tokenizer.ggml.add_space_prefix"] is False
 
 
 @pytest.mark.parametrize("kind", ["bf16", "q8_0"])
