@@ -473,7 +473,9 @@ def build_parser():
     p.add_argument("--format", default="safetensors", choices=["safetensors", "gguf"],
                    help="safetensors: a transformers checkpoint; gguf: one llama.cpp file (default %(default)s)")
     p.add_argument("--gguf-type", default="f16", choices=list(gguf_export.GGUF_TYPES),
-                   help="type of the GGUF's weight matrices; norms stay F32 (default %(default)s)")
+                   help="type of the GGUF's weight matrices (norms stay F32): f16, bf16, or q8_0 (8.5 bits a weight; "
+                        "rows that are not whole 32-blocks stay f16). For Q4_K_M and other k-quants, run llama.cpp's "
+                        "llama-quantize on the f16 file (default %(default)s)")
     p.add_argument("--dtype", default="float16", choices=list(DTYPES),
                    help="dtype of the merged safetensors checkpoint (default %(default)s)")
     p.add_argument("--base", default="original", choices=["original", "dequantized"],
