@@ -186,11 +186,14 @@ def test_bf16_and_q8_0_hold_the_float32_merge_rounded_once(exported, kind):
 
 def test_q8_0_bytes_equal_gguf_quants():
     g = torch.Generator().manual_seed(0)
+    # blocks of 127 and 31 halves k + 0.5: d = 1 exactly, so every q is a tie (roundf: away from zero)
+    ties = torch.cat([torch.full((8, 1), 127.0), (torch.arange(-124, 124) + 0.5).view(8, 31)], 1).view(1, 256)
     rows = [torch.randn(8, 256, generator=g) * 10 ** torch.randint(-6, 4, (8, 1), generator=g),
-            torch.zeros(1, 64),                                        # d = 0 blocks
-            torch.arange(-127, 129, dtype=torch.float32)[None, :] + 0.5,  # d = 1: every x.5 tie
-            torch.arange(-128, 128, dtype=torch.float32)[None, :] / 127 * 3,  # ties after the 1/d multiply
+            torch.zeros(1, 64), ties,                                          # d = 0 blocks; ties
+            torch.arange(-128, 128, dtype=torch.float32)[None, :] / 127 * 3,  # a uniform grid
             torch.tensor([[-1e-30] * 31 + [3e-30]]), torch.tensor([[65504.0 * 127] + [1.0] * 31])]
+    # the ties tell C's roundf from torch.round (half to even): a quantizer using the latter fails here
+    assert not torch.equal(torch.round(ties[:, 1:32]), torch.sign(ties[:, 1:32]) * (ties[:, 1:32].abs() + 0.5))
     for w in rows:
         want = gguf.quants.quantize(w.numpy(), Q.Q8_0)
         assert np.array_equal(gguf_export.quantize_q8_0(w).numpy(), want)
