@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers, processors
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as HFTokenizer
 
 import gguf_convert
@@ -354,10 +354,27 @@ def test_refusals_write_nothing(tmp_path):
         assert not (tmp_path / f"out-{message}").exists() and not list(tmp_path.glob(".out-*"))
     with pytest.raises(ValueError, match="--verify"):
         merge_to(tmp_path, "v", "--format", "gguf", "--verify")
-    spec = json.loads((GQA / "tokenizer.json").read_text())
-    spec["pre_tokenizer"] = {"type": "Whitespace"}
-    with pytest.raises(ValueError, match="pre-tokenizer"):
-        gguf_export._gpt2_pre(spec["pre_tokenizer"])
+
+
+def test_byte_level_pre_tokenizer_names():
+    """The three pre-tokenizers as the `tokenizers` library serializes them -> llama.cpp's names."""
+    def as_json(pre):
+        tok = HFTokenizer(models.BPE())
+        tok.pre_tokenizer = pre
+        return json.loads(tok.to_str())["pre_tokenizer"]
+
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    llama3 = pre_tokenizers.Sequence([  # Llama 3's tokenizer.json
+        pre_tokenizers.Split(Regex(gguf_export.LLAMA3_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    digits = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    assert gguf_export._gpt2_pre(as_json(byte_level)) == ("gpt-2", False)
+    assert gguf_export._gpt2_pre(as_json(digits)) == ("smollm", False)
+    assert gguf_export._gpt2_pre(as_json(llama3)) == ("llama-bpe", False)
+    assert gguf_export._gpt2_pre(as_json(pre_tokenizers.ByteLevel(add_prefix_space=True))) == ("gpt-2", True)
+    for unknown in (pre_tokenizers.Whitespace(), pre_tokenizers.Digits(individual_digits=False)):
+        with pytest.raises(ValueError, match="pre-tokenizer"):
+            gguf_export._gpt2_pre(as_json(unknown))
 
 
 # ---------------------------------------------------------------------------------------------------
