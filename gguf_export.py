@@ -20,8 +20,8 @@ What llama.cpp's `convert_hf_to_gguf.py` (class `LlamaModel`) writes for a Llama
               value_length only where head_dim != hidden/heads; rope.scaling.type/factor for linear scaling.
   names       token_embd, output_norm, output; blk.{i}.attn_{q,k,v,output}, blk.{i}.ffn_{gate,up,down},
               blk.{i}.attn_norm, blk.{i}.ffn_norm (gguf_convert's table, read backwards: one table).
-  types       2-D weights in the chosen type; norms, biases and rope_freqs always F32 (ggml's norm and
-              rope kernels read F32). Q8_0 needs rows of whole 32-weight blocks; a weight whose rows are
+  types       2-D weights in the chosen type; norms, biases and rope_freqs always F32 (much of ggml takes
+              1-D tensors in F32 only, so llama.cpp's converter keeps them so). Q8_0 needs rows of whole 32-weight blocks; a weight whose rows are
               not falls back to F16, as llama.cpp's converter does.
   rotary      HF's rope rotates the two halves of each head (x_j with x_{j+D/2}); llama.cpp's LLAMA rope
               rotates adjacent pairs (x_2j with x_2j+1). So the rows of q_proj / k_proj (and their biases)
@@ -48,8 +48,8 @@ What llama.cpp's `convert_hf_to_gguf.py` (class `LlamaModel`) writes for a Llama
                -r (tokens no merge makes score below all) makes that the BPE's own merge order.
                (llama.cpp's converter writes -1000 for every token of a tokenizer.json-only model.)
 
-Other types are left out on purpose: F32 doubles the file for no accuracy the fine-tuned fp16 weights
-have; Q4_0/Q4_1/Q5_x are legacy formats that K-quants beat at the same size; K-quants and i-quants
+Other types are left out on purpose: F32 doubles the file for a precision the 16-bit checkpoints it
+comes from never had; Q4_0/Q4_1/Q5_x are legacy formats that K-quants beat at the same size; K-quants and i-quants
 (Q4_K_M, IQ4_XS, ...) need llama.cpp's own search and importance matrices, which the `gguf` package does
 not implement -- quantize the F16 file with `llama-quantize model-F16.gguf out.gguf Q4_K_M`. Also left
 out: rope scaling llama.cpp's llama architecture cannot express ("dynamic" NTK), and every non-Llama
