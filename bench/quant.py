@@ -1,7 +1,8 @@
 """Throughput of NF4 quantize / dequantize on one weight matrix, side by side with a naive pure-PyTorch
 baseline and with bitsandbytes, plus the measured storage cost in bits per parameter.
 
-    python bench/quant.py [--quick] [--repeats 7] [--shape 4096 4096] [--threads N] [--no-compile] [--json FILE]
+    python bench/quant.py [--quick] [--repeats 7] [--shape 4096 4096] [--threads N] [--clock wall|cpu]
+                          [--no-compile] [--json FILE]
 
 Rows: `ours` (nf4.py as it runs on this device: on a CPU its lookup tables, a 65536-bin encoder and a
 256-entry byte decoder), `ours-plain` (nf4.CPU_TABLES off: the plain elementwise path GPUs run, on this
@@ -9,7 +10,9 @@ device), `ours+compile` (torch.compile of nf4.dequantize_4bit, which traces the 
 here), `naive` (argmin over the 16 codes per element in 1M-element chunks; unpack with shifts, table
 lookup, repeat_interleave of absmax) and `bnb` (bitsandbytes' quantize_4bit / dequantize_4bit on this
 device). Each cell is the median of `--repeats` timed calls after
-one warm-up, in million elements per second, at blocksize 64; "dq" = double quantization of the absmax
+one warm-up, in million elements per second, at blocksize 64 (`--clock cpu`: per CPU-second of the whole
+process, time.process_time, which other jobs on a shared machine disturb far less than the wall clock;
+with --threads 1 the two agree on a quiet machine); "dq" = double quantization of the absmax
 constants included in the timed call. bitsandbytes is not a project dependency: when it cannot be imported
 here, its rows are measured by running this script under $REF_PYTHON (default /work/refvenv/bin/python,
 if present) with `--only bnb`, so one run still prints everything.
@@ -34,13 +37,16 @@ BLOCKSIZE = 64
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def median_seconds(fn, repeats):
+CLOCK = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def median_seconds(fn, repeats, clock="wall"):
     fn()  # warm-up: tables, allocator, lazy initialisation
     times = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = CLOCK[clock]()
         fn()
-        times.append(time.perf_counter() - t0)
+        times.append(CLOCK[clock]() - t0)
     return statistics.median(times)
 
 
@@ -99,7 +105,7 @@ def bnb():
     return quantize, dequantize
 
 
-def measure(name, impl, shape, repeats, only_dequant=False):
+def measure(name, impl, shape, repeats, only_dequant=False, clock="wall"):
     quantize, dequantize = impl
     rows = []
     n = shape[0] * shape[1]
@@ -109,9 +115,9 @@ def measure(name, impl, shape, repeats, only_dequant=False):
         for dq in (False, True):
             state = quantize(x, dq)
             if not only_dequant:
-                t = median_seconds(lambda: quantize(x, dq), repeats)
+                t = median_seconds(lambda: quantize(x, dq), repeats, clock)
                 rows.append(dict(impl=name, op="quantize", dtype=dname, dq=dq, ms=t * 1e3, melem_s=n / t / 1e6))
-            t = median_seconds(lambda: dequantize(state, dtype), repeats)
+            t = median_seconds(lambda: dequantize(state, dtype), repeats, clock)
             rows.append(dict(impl=name, op="dequantize", dtype=dname, dq=dq, ms=t * 1e3, melem_s=n / t / 1e6))
             print(f"  measured {name} {dname} dq={dq}", file=sys.stderr, flush=True)
     return rows
@@ -137,7 +143,7 @@ def bnb_rows_elsewhere(args):
     if not Path(ref).exists():
         return [], "bitsandbytes not importable and no $REF_PYTHON"
     cmd = [ref, __file__, "--only", "bnb", "--repeats", str(args.repeats), "--shape", *map(str, args.shape),
-           "--json", "-", "--threads", str(torch.get_num_threads())]
+           "--json", "-", "--threads", str(torch.get_num_threads()), "--clock", args.clock]
     proc = subprocess.run(cmd + (["--quick"] if args.quick else []), capture_output=True, text=True)
     if proc.returncode != 0:
         return [], f"{ref} failed: {proc.stderr.strip().splitlines()[-1:]}"
@@ -151,6 +157,8 @@ def main():
     p.add_argument("--shape", type=int, nargs=2, default=[4096, 4096], help="weight shape [out, in]")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's own choice)")
+    p.add_argument("--clock", choices=list(CLOCK), default="wall",
+                   help="wall: elapsed time; cpu: CPU time of the process (steadier on a shared machine)")
     p.add_argument("--only", choices=["bnb"], help=argparse.SUPPRESS)  # used for the $REF_PYTHON child run
     p.add_argument("--json", help="also write the results as JSON to this file ('-' = stdout)")
     args = p.parse_args()
@@ -164,12 +172,12 @@ def main():
 
     rows, notes = [], []
     if args.only != "bnb":
-        rows += measure("ours", ours(), shape, args.repeats)
-        rows += measure("ours-plain", ours(tables=False), shape, args.repeats)
+        rows += measure("ours", ours(), shape, args.repeats, clock=args.clock)
+        rows += measure("ours-plain", ours(tables=False), shape, args.repeats, clock=args.clock)
         nf4.CPU_TABLES = True
-        rows += measure("naive", naive(), shape, args.repeats)
+        rows += measure("naive", naive(), shape, args.repeats, clock=args.clock)
     try:
-        rows += measure("bnb", bnb(), shape, args.repeats)
+        rows += measure("bnb", bnb(), shape, args.repeats, clock=args.clock)
         notes.append("bitsandbytes measured in-process")
     except ImportError:
         if args.only == "bnb":
@@ -180,10 +188,10 @@ def main():
     # last: inductor's CPU kernels run on their own OpenMP pool, whose spinning threads slow eager ops after
     if args.only != "bnb" and not args.no_compile:
         try:
-            rows += measure("ours+compile", ours_compiled(), shape, args.repeats, only_dequant=True)
+            rows += measure("ours+compile", ours_compiled(), shape, args.repeats, only_dequant=True, clock=args.clock)
         except Exception as e:  # no C++ compiler, unsupported platform...
             notes.append(f"torch.compile rows skipped: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
-    result = {"shape": list(shape), "blocksize": BLOCKSIZE, "threads": torch.get_num_threads(),
+    result = {"shape": list(shape), "blocksize": BLOCKSIZE, "threads": torch.get_num_threads(), "clock": args.clock,
               "torch": torch.__version__, "rows": rows, "notes": notes}
     if args.only != "bnb":
         result["bits_per_parameter"] = bits_per_parameter(shape)
@@ -194,7 +202,7 @@ def main():
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
     print(f"\nNF4 blocksize {BLOCKSIZE}, weight {shape[0]}x{shape[1]}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, median of {args.repeats}; M elements/s (ms)")
+          f"{torch.get_num_threads()} threads, median of {args.repeats}; M elements per {args.clock}-clock second (ms)")
     impls = list(dict.fromkeys(r["impl"] for r in rows))
     cols = [(op, d, dq) for op in ("quantize", "dequantize") for d in DTYPES for dq in (False, True)]
     head = [f"{op[:5]} {d}{' dq' if dq else ''}" for op, d, dq in cols]
