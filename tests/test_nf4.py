@@ -497,3 +497,24 @@ def test_checkpoint_layout_functions():
         nf4.parse_quant_state(b'{"quant_type": "nf4", "blocksize": 64, "dtype": "float64", "shape": [2, 32]}')
     with pytest.raises(ValueError, match="blocksize"):
         nf4.parse_quant_state(b'{"quant_type": "nf4", "blocksize": 48, "dtype": "float32", "shape": [2, 32]}')
+
+
+@pytest.mark.cuda
+def test_cuda_forward_backward_never_synchronizes():
+    """On a GPU a 4-bit forward + backward, eager and with Linear4bit.compile, makes the host wait for the GPU
+    nowhere (torch raises on any synchronizing call in sync-debug mode "error"), once warm."""
+    torch.manual_seed(0)
+    lin = nf4.Linear4bit.from_weight(torch.randn(256, 512, dtype=torch.bfloat16)).cuda()
+    x = torch.randn(4, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    for compiled in (False, True):  # warm-up: tables copied to the GPU once, the compiled kernel built
+        lin.compile = compiled
+        lin(x).sum().backward()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for compiled in (False, True):
+            lin.compile = compiled
+            lin(x).sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
