@@ -27,7 +27,8 @@ import torch
 import hf_checkpoint
 import llama
 import lora
-from merge import DTYPES, QUANT_DEFAULTS, latest_run, train_config
+import train_config
+from nf4 import DTYPES
 from tokenizer import Tokenizer
 
 
@@ -125,7 +126,7 @@ class Streamer:
 def resolve_model_and_adapter(model, adapter):
     """--model and --adapter as given; an adapter alone brings its base; neither = the latest run."""
     if model is None and adapter is None:
-        adapter = latest_run()
+        adapter = train_config.latest_run()
     if model is None:
         model = lora.adapter_config(adapter).get("base_model_name_or_path")
         if not model:
@@ -137,11 +138,11 @@ def load(model_id, adapter, quant, dtype, device, run):
     """The model as the run trained it: its 4-bit format, blocksize, double quant (`run` = its
     train_config.json, {} when unknown), unless --quant says otherwise."""
     # The run's blocksize and double quant belong to the run's own format; another --quant gets the
-    # defaults (merge.QUANT_DEFAULTS, which merge.py's --base dequantized falls back to as well).
-    own = run if quant == run.get("quant", QUANT_DEFAULTS["quant_type"]) else {}
-    model = llama.from_pretrained(model_id, quant=None if quant == "none" else quant, dtype=dtype, device=device,
-                                  blocksize=own.get("blocksize", QUANT_DEFAULTS["blocksize"]),
-                                  double_quant=own.get("double_quant", QUANT_DEFAULTS["double_quant"]))
+    # defaults (the QLoRA recipe, as merge.py's --base dequantized falls back to as well).
+    same_format = quant == run.get("quant", train_config.FIELDS["quant"].default)
+    settings = train_config.quant_settings(run if same_format else {"quant": quant})
+    model = llama.from_pretrained(model_id, quant=settings["quant_type"], dtype=dtype, device=device,
+                                  blocksize=settings["blocksize"], double_quant=settings["double_quant"])
     if adapter is not None:
         lora.load_adapter(model, adapter)  # A and B land on the base layer's device
     model.eval()
@@ -233,8 +234,8 @@ def main(argv=None, stdin=None, out=None):
     auto = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(auto if args.device == "auto" else args.device)
     model_id, adapter = resolve_model_and_adapter(args.model, args.adapter)
-    run = train_config(adapter) if adapter is not None else {}
-    quant = args.quant or run.get("quant", QUANT_DEFAULTS["quant_type"])
+    run = train_config.run_config(adapter) if adapter is not None else {}
+    quant = args.quant or run.get("quant", train_config.FIELDS["quant"].default)
     dtype_name = args.dtype or run.get("dtype") or ("bfloat16" if device.type == "cuda" else "float32")
     model, tokenizer = load(model_id, adapter, quant, DTYPES[dtype_name], device, run)
     use_template = tokenizer.chat_template is not None and not args.no_chat_template

@@ -54,10 +54,10 @@ import gguf_export
 import hf_checkpoint
 import llama
 import lora
-from nf4 import Linear4bit
+import train_config
+from nf4 import DTYPES, Linear4bit
 from tokenizer import Tokenizer
 
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 # safetensors' dtype names (https://github.com/huggingface/safetensors, "Format").
 ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
@@ -66,22 +66,9 @@ TORCH_DTYPES = {v: k for k, v in ST_DTYPES.items()}
 # The tensors bitsandbytes stores next to a 4-bit `P.weight` (spec/bnb_format.md §4.1).
 BNB_SUFFIXES = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map",
                 ".quant_state.bitsandbytes__nf4", ".quant_state.bitsandbytes__fp4")
-# Settings of a 4-bit run when its train_config.json does not say: the QLoRA paper's (§3, NF4 + double
-# quant, blocksize 64), weights cast to bfloat16 before quantizing (QLoRA's compute dtype).
-QUANT_DEFAULTS = {"quant_type": "nf4", "blocksize": 64, "double_quant": True, "dtype": "bfloat16"}
 WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx")
 VERIFY_PROMPTS = ["The capital of France is", "def fibonacci(n):",
                   "Write a short poem about the sea.\n"]
-
-
-def latest_run(runs_dir="runs"):
-    """Newest finished training run under `runs_dir`: a run is finished once its top-level
-    adapter_config.json exists; its mtime (not the directory's, which `merged/` would bump) orders runs."""
-    runs = [p.parent for p in Path(runs_dir).glob("*/adapter_config.json")]
-    if not runs:
-        raise FileNotFoundError(f"no finished training run under {Path(runs_dir).resolve()} (a run dir holds "
-                                "adapter_config.json): train one with `python train.py`, or pass --adapter DIR")
-    return max(runs, key=lambda p: ((p / "adapter_config.json").stat().st_mtime, p.name))
 
 
 class Adapter:
@@ -133,26 +120,6 @@ class Adapter:
             return tuple(self._tensors[k] for k in self.keys[module])
         with safe_open(self.file, framework="pt") as f:
             return tuple(f.get_tensor(k) for k in self.keys[module])
-
-
-def train_config(adapter_dir):
-    """train.py's resolved flags (train_config.json) for the run that wrote this adapter: next to it, or
-    one level up for a checkpoint-<step>/ dir. {} for an adapter from elsewhere (e.g. PEFT)."""
-    for candidate in (Path(adapter_dir) / "train_config.json", Path(adapter_dir).parent / "train_config.json"):
-        if candidate.is_file():
-            return json.loads(candidate.read_text())
-    return {}
-
-
-def run_quant_settings(adapter_dir):
-    """The 4-bit settings the adapters were trained against: the run's own, else QUANT_DEFAULTS."""
-    run = train_config(adapter_dir)
-    quant = run.get("quant", QUANT_DEFAULTS["quant_type"])
-    return {"quant_type": None if quant in (None, "none") else quant,
-            "blocksize": int(run.get("blocksize", QUANT_DEFAULTS["blocksize"])),
-            "double_quant": bool(run.get("double_quant", QUANT_DEFAULTS["double_quant"])),
-            # the dtype llama.from_pretrained cast the weights to before quantizing them
-            "dtype": run["dtype"] if run.get("dtype") in DTYPES else QUANT_DEFAULTS["dtype"]}
 
 
 class Checkpoint:
@@ -341,7 +308,7 @@ def merge_checkpoint(adapter_dir, output_dir, model, dtype_name, base, max_shard
     if output_dir.resolve() in (Path(base_dir).resolve(), adapter_dir.resolve()):
         raise ValueError(f"--output {output_dir} is the base or adapter directory itself: choose another")
     dtype = DTYPES[dtype_name]
-    settings = run_quant_settings(adapter_dir) if base == "dequantized" else None
+    settings = train_config.quant_settings(train_config.run_config(adapter_dir)) if base == "dequantized" else None
     ckpt = Checkpoint(base_dir)
 
     # Plan every output tensor from the headers (floats become `dtype`), and check the adapter fits.
@@ -392,17 +359,7 @@ def merge_checkpoint(adapter_dir, output_dir, model, dtype_name, base, max_shard
         else:
             write_hf_checkpoint(tmp, base_dir, entries, lambda key: produce(key, dtype), dtype_name,
                                 max_shard_size)
-        if output_dir.exists():  # --force: swap the new directory in, then drop the old one
-            old = output_dir.parent / f".{output_dir.name}.old-{os.getpid()}"
-            os.replace(output_dir, old)
-            try:
-                os.replace(tmp, output_dir)
-            except BaseException:
-                os.replace(old, output_dir)  # put the previous output back rather than leave none
-                raise
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, output_dir)
+        lora.replace_dir(tmp, output_dir)  # --force: the old output stays whole until the new one is in
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"wrote {output_dir}", file=sys.stderr)
@@ -493,7 +450,7 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    adapter = Path(args.adapter) if args.adapter else latest_run()
+    adapter = Path(args.adapter) if args.adapter else train_config.latest_run()
     output = Path(args.output) if args.output else adapter / ("gguf" if args.format == "gguf" else "merged")
     return merge_checkpoint(adapter, output, args.model, args.dtype, args.base, args.max_shard_size,
                             args.force, args.verify, args.format, args.gguf_type)

@@ -180,6 +180,39 @@ def find_checkpoint(resume, output_dir):
 
 
 # ---------------------------------------------------------------------------------------------------
+# A finished run, read back (merge.py, generate.py): the newest one, and the settings it trained with.
+
+def latest_run(runs_dir="runs"):
+    """Newest finished training run under `runs_dir`: a run is finished once its top-level
+    adapter_config.json exists; its mtime (not the directory's, which `merged/` would bump) orders runs."""
+    runs = [p.parent for p in Path(runs_dir).glob("*/adapter_config.json")]
+    if not runs:
+        raise FileNotFoundError(f"no finished training run under {Path(runs_dir).resolve()} (a run dir holds "
+                                "adapter_config.json): train one with `python train.py`, or pass --adapter DIR")
+    return max(runs, key=lambda p: ((p / "adapter_config.json").stat().st_mtime, p.name))
+
+
+def run_config(adapter_dir):
+    """The resolved flags (train_config.json) of the run that wrote this adapter: next to it, or one
+    level up for a checkpoint-<step>/ dir. {} for an adapter from elsewhere (e.g. PEFT)."""
+    for candidate in (Path(adapter_dir) / "train_config.json", Path(adapter_dir).parent / "train_config.json"):
+        if candidate.is_file():
+            return json.loads(candidate.read_text())
+    return {}
+
+
+def quant_settings(run):
+    """The 4-bit base a run trained against, from its run_config (missing fields: this dataclass's
+    defaults, the QLoRA recipe). dtype is what the weights were cast to before quantizing: the run's
+    resolved compute dtype, else bfloat16 (QLoRA's compute dtype; "auto" is resolved only at run time)."""
+    quant = run.get("quant", FIELDS["quant"].default)
+    return {"quant_type": None if quant in (None, "none") else quant,
+            "blocksize": int(run.get("blocksize", FIELDS["blocksize"].default)),
+            "double_quant": bool(run.get("double_quant", FIELDS["double_quant"].default)),
+            "dtype": run["dtype"] if run.get("dtype") in nf4.DTYPES else "bfloat16"}
+
+
+# ---------------------------------------------------------------------------------------------------
 # What "auto" means, and what the settings will cost.
 
 def resolve_device(name):

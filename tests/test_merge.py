@@ -13,6 +13,7 @@ import hf_checkpoint
 import llama
 import lora
 import merge
+import train_config
 from conftest import HF, BNB
 
 GQA, ADAPTER = HF / "gqa", HF / "gqa_peft_adapter"
@@ -151,7 +152,7 @@ def test_dequantized_base_reproduces_the_4bit_adapter_model(tmp_path):
                     "--dtype", "float32", "--base", "dequantized")
     assert rel_err(logits_of(out), want) < 1e-5
     # --verify builds the same 4-bit reference from the run's settings
-    assert merge.verify_merge(out, GQA, adapter, merge.run_quant_settings(adapter)) < 1e-4
+    assert merge.verify_merge(out, GQA, adapter, train_config.quant_settings(train_config.run_config(adapter))) < 1e-4
     out16 = run_merge("--adapter", adapter, "--model", GQA, "--output", tmp_path / "d16", "--base", "dequantized")
     assert rel_err(logits_of(out16), want) < 3e-3  # fp16 rounding of the weights, as above
     # The original-weights merge is a different model: off by the NF4 quantization error.
