@@ -140,20 +140,26 @@ def fill_meta_parameters(model, device):
                 module._parameters[pname] = torch.nn.Parameter(data, requires_grad=False)
 
 
-def build_model(shape: dict, device: torch.device, seed: int = 0) -> "llama.Llama":
-    """A Llama with random NF4 + DQ decoder linears quantized on `device`, one weight at a time: built on the
-    meta device, each linear's bf16 weight drawn, quantized and dropped before the next is drawn."""
-    torch.manual_seed(seed)
-    with torch.device("meta"):
-        model = llama.Llama(llama.LlamaConfig.from_dict({**COMMON, **shape}))
+def quantize_random_linears(model, device, to_4bit):
+    """Swap each decoder linear for `to_4bit(w)` of a random bf16 weight w, drawn on the device one at a
+    time and dropped before the next (ours and bitsandbytes' models get the same treatment)."""
     for layer in model.model.layers:
         for block, names in DECODER_LINEARS:
             parent = getattr(layer, block)
             for name in names:
                 old = getattr(parent, name)
                 w = torch.randn(old.out_features, old.in_features, device=device, dtype=torch.bfloat16) * INIT_STD
-                setattr(parent, name, nf4.Linear4bit.from_weight(w, compute_dtype=torch.bfloat16))
+                setattr(parent, name, to_4bit(w))
                 del w
+
+
+def build_model(shape: dict, device: torch.device, seed: int = 0) -> "llama.Llama":
+    """A Llama with random NF4 + DQ decoder linears quantized on `device`, one weight at a time: built on the
+    meta device, each linear's bf16 weight drawn, quantized and dropped before the next is drawn."""
+    torch.manual_seed(seed)
+    with torch.device("meta"):
+        model = llama.Llama(llama.LlamaConfig.from_dict({**COMMON, **shape}))
+    quantize_random_linears(model, device, lambda w: nf4.Linear4bit.from_weight(w, compute_dtype=torch.bfloat16))
     fill_meta_parameters(model, device)  # embeddings and lm_head (random bf16), norm weights (ones)
     model.inv_freq = model.inv_freq.to(device)  # llama.py computes the rope table on the CPU, even under meta
     leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers())
@@ -248,14 +254,7 @@ def build_hf_model(shape: dict, device: torch.device, bnb, transformers):
     with torch.device("meta"):
         model = transformers.LlamaForCausalLM(config).to(torch.bfloat16)
     torch.manual_seed(0)
-    for layer in model.model.layers:
-        for block, names in DECODER_LINEARS:
-            parent = getattr(layer, block)
-            for name in names:
-                old = getattr(parent, name)
-                w = torch.randn(old.out_features, old.in_features, device=device, dtype=torch.bfloat16) * INIT_STD
-                setattr(parent, name, bnb_linear(bnb, w))
-                del w
+    quantize_random_linears(model, device, lambda w: bnb_linear(bnb, w))
     fill_meta_parameters(model, device)
     rotary = model.model.rotary_emb  # non-persistent inv_freq: rebuilt from the config on the device
     model.model.rotary_emb = type(rotary)(config=config).to(device)
