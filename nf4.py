@@ -147,8 +147,10 @@ def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, shape, blocksize
     values = code_table(quant_type, raw.device)[codes.int()]  # (2 * nbytes,) float32
     if absmax.numel() * blocksize > values.numel():  # a partial last block: pad it (the pad is cut below)
         values = F.pad(values, (0, absmax.numel() * blocksize - values.numel()))  # (nblocks * blocksize,)
-    out = values.view(-1, blocksize) * absmax.unsqueeze(1)  # (nblocks, blocksize) one float32 multiply
-    return out.view(-1)[:shape.numel()].to(dtype).view(shape)  # one round-to-nearest-even cast
+    values.view(-1, blocksize).mul_(absmax.unsqueeze(1))  # (nblocks, blocksize) one float32 multiply, in place:
+    # eager mode then holds one float32 copy of the weight at a time (torch.compile fuses it all anyway)
+    out = values.to(dtype)  # one round-to-nearest-even cast, over whole blocks: Inductor's CPU code for an odd
+    return out[:shape.numel()].view(shape)  # length (a vector tail after the gather) gave garbage there
 
 
 def _check_dequantize(packed, absmax, shape, blocksize, quant_type, dtype) -> torch.Tensor:
