@@ -102,7 +102,9 @@ def parse_args(argv=None):
     p.add_argument("--train-rows", type=int, default=0, help="use only the first N training rows (0: all)")
     p.add_argument("--eval-every", type=int, default=10, help="steps between points of the held-out curve")
     p.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default). 1: on a "
+                   "shared 2-core machine a second thread waits at every op's barrier (measured here at load 2-4: "
+                   "2 threads took 4-50 s a step, 1 thread 2-4 s)")
     p.add_argument("--quick", action="store_true", help="tiny settings for a smoke run (CI)")
     p.add_argument("--out", default=None, help="markdown report (default: bench/quality.md; --quick: a temp dir)")
     p.add_argument("--json", default=None, help="all numbers (default: beside --out, .json)")
