@@ -67,7 +67,7 @@ import llama  # noqa: E402
 import lora  # noqa: E402
 import nf4  # noqa: E402
 
-# base name -> (train.py flags, from_pretrained quant, double quant, bits per parameter of the linears)
+# base name -> (train.py flags, from_pretrained quant for scoring, double quant)
 BASES = {
     "16-bit": (["--quant", "none"], None, False),
     "nf4+dq": (["--quant", "nf4", "--double-quant"], "nf4", True),
@@ -269,7 +269,7 @@ def held_out_curve(model, run_dir, rows):
     steps = sorted(int(p.name.split("-")[1]) for p in run_dir.glob("checkpoint-*"))
     curve = []
     for step in steps:
-        with contextlib.redirect_stdout(open(os.devnull, "w")):
+        with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
             lora.load_adapter(model, run_dir / f"checkpoint-{step}")
         curve.append((step, perplexity(model, rows)))
     return curve
