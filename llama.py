@@ -50,9 +50,6 @@ from torch.utils.checkpoint import checkpoint
 
 import hf_checkpoint
 from offload import OffloadedCheckpoints
-# TEMPORARY alias while bench/quality.py (being written) still calls checkpoint_files through llama; the
-# owner is hf_checkpoint.py. Remove this line once it imports hf_checkpoint.
-from hf_checkpoint import checkpoint_files, resolve_checkpoint  # noqa: F401
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 

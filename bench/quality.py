@@ -63,6 +63,7 @@ from tokenizers import Tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+import hf_checkpoint  # noqa: E402
 import llama  # noqa: E402
 import lora  # noqa: E402
 import nf4  # noqa: E402
@@ -189,7 +190,7 @@ def write_int4_checkpoint(src, dst, blocksize, dtype):
         for f in Path(src).iterdir():
             if f.is_file() and f.suffix != ".safetensors":
                 shutil.copy(f, tmp / f.name)  # config, tokenizer, index: unchanged
-        for f in llama.checkpoint_files(src):
+        for f in hf_checkpoint.checkpoint_files(src):
             with safe_open(f, framework="pt") as sf:
                 tensors = {k: sf.get_tensor(k) for k in sf.keys()}
             for k, t in tensors.items():
@@ -322,7 +323,7 @@ def grid_study(model_dir, blocksize, max_tensors=None):
     Gaussian weights of the same shapes and per-tensor std, and on those Gaussian weights after a Q4_1
     round trip (a Gaussian model distributed the way this one was)."""
     ws = []
-    for f in llama.checkpoint_files(model_dir):
+    for f in hf_checkpoint.checkpoint_files(model_dir):
         with safe_open(f, framework="pt") as sf:
             ws += [sf.get_tensor(k).float() for k in sorted(sf.keys()) if is_target(k)]
     ws = ws[:max_tensors]
