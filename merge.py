@@ -55,6 +55,7 @@ import hf_checkpoint
 import llama
 import lora
 import train_config
+import nf4
 from nf4 import DTYPES, Linear4bit
 from tokenizer import Tokenizer
 
@@ -63,9 +64,6 @@ ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", t
              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
              torch.uint8: "U8", torch.bool: "BOOL"}
 TORCH_DTYPES = {v: k for k, v in ST_DTYPES.items()}
-# The tensors bitsandbytes stores next to a 4-bit `P.weight` (spec/bnb_format.md §4.1).
-BNB_SUFFIXES = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map",
-                ".quant_state.bitsandbytes__nf4", ".quant_state.bitsandbytes__fp4")
 WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx")
 VERIFY_PROMPTS = ["The capital of France is", "def fibonacci(n):",
                   "Write a short poem about the sea.\n"]
@@ -135,10 +133,10 @@ class Checkpoint:
                     tensor_slice = f.get_slice(key)
                     self.file_of[key] = file
                     self.header[key] = (tensor_slice.get_dtype(), tuple(tensor_slice.get_shape()))
-        # spec §4.2 reader rule: a layer is 4-bit iff `P.weight.quant_state.bitsandbytes__*` exists.
-        self.quantized = {k.rsplit(".quant_state.", 1)[0] for k in self.file_of
-                          if ".quant_state.bitsandbytes__" in k}
-        companions = {q + s for q in self.quantized for s in BNB_SUFFIXES}
+        # bitsandbytes' reader rule (nf4.quantized_modules, docs/bnb_format.md §4): a layer is 4-bit iff
+        # its quant_state key exists; its other tensors (nf4.BNB_SUFFIXES) belong to the one `P.weight`.
+        self.quantized = {m + ".weight" for m in nf4.quantized_modules(self.file_of)}
+        companions = {q.removesuffix("weight") + s for q in self.quantized for s in nf4.BNB_SUFFIXES if s != "weight"}
         self.keys = [k for k in self.file_of if k not in companions]  # shard order, then key order
 
     def _raw(self, key):
@@ -148,13 +146,15 @@ class Checkpoint:
             return f.get_tensor(key)
 
     def quant_state(self, key):
-        name = next(key + s for s in BNB_SUFFIXES if ".quant_state." in s and key + s in self.file_of)
-        return json.loads(bytes(self._raw(name).tolist()))
+        prefix = key.removesuffix("weight")
+        name = next(prefix + s for s in nf4.BNB_SUFFIXES
+                    if s.startswith(nf4.QUANT_STATE_KEY) and prefix + s in self.file_of)
+        return nf4.parse_quant_state(self._raw(name), where=f"{self.file_of[name]}: {name}")
 
     def shape_dtype(self, key):
         if key in self.quantized:
             state = self.quant_state(key)
-            return tuple(state["shape"]), getattr(torch, state["dtype"])
+            return tuple(state["shape"]), nf4.DTYPES[state["dtype"]]
         st_dtype, shape = self.header[key]
         if st_dtype not in TORCH_DTYPES:
             raise ValueError(f"{self.file_of[key]}: tensor {key} has dtype {st_dtype}, which merge.py cannot "
@@ -165,8 +165,8 @@ class Checkpoint:
         """The tensor, a 4-bit weight dequantized to float32 (its stored float values, widened exactly)."""
         if key not in self.quantized:
             return self._raw(key)
-        parts = {"weight": self._raw(key)}
-        parts.update({"weight" + s: self._raw(key + s) for s in BNB_SUFFIXES if key + s in self.file_of})
+        prefix = key.removesuffix("weight")
+        parts = {s: self._raw(prefix + s) for s in nf4.BNB_SUFFIXES if prefix + s in self.file_of}
         return Linear4bit.from_quantized(parts).dequantize(torch.float32)
 
 

@@ -294,3 +294,25 @@ def test_cli_errors_exit_cleanly(tmp_path):
     r = subprocess.run([sys.executable, "merge.py", "--adapter", str(tmp_path / "nope")],
                        cwd=Path(merge.__file__).parent, capture_output=True, text=True)
     assert r.returncode != 0 and "merge.py: error:" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_bitsandbytes_4bit_checkpoint_reads_as_its_dequantized_weights():
+    # transformers wrote this NF4 + double-quant checkpoint with bitsandbytes; its `.dequant` tensors are
+    # bitsandbytes' own dequantization. merge.Checkpoint hides the companion tensors (absmax, quant_map, the
+    # quant_state blob...) behind one float `P.weight` and must give those values bit for bit.
+    from conftest import ROOT
+    from safetensors.torch import load_file
+    fixture = ROOT / "tests" / "fixtures" / "bnb"
+    expected = load_file(fixture / "tiny_llama_nf4_dq_expected.safetensors")
+    ckpt = merge.Checkpoint(fixture / "tiny_llama_nf4_dq")
+    assert ckpt.quantized and all(k in ckpt.keys for k in ckpt.quantized)
+    assert not [k for k in ckpt.keys if ".absmax" in k or ".quant_" in k]
+    checked = 0
+    for key in ckpt.quantized:
+        shape, dtype = ckpt.shape_dtype(key)
+        weight = ckpt.get(key)
+        assert tuple(weight.shape) == tuple(shape) and weight.dtype == torch.float32
+        if key + ".dequant" in expected:
+            assert torch.equal(weight.to(dtype), expected[key + ".dequant"]), key
+            checked += 1
+    assert checked >= 3
