@@ -39,6 +39,7 @@ Left out: DoRA, embedding adapters, rank/alpha patterns (lora.adapter_config ref
 checkpoints in `.bin` (pickle) format.
 """
 import argparse
+import functools
 import json
 import math
 import os
@@ -291,6 +292,46 @@ def write_hf_checkpoint(directory, base_dir, entries, produce, dtype_name, max_s
         write_json(directory / "generation_config.json", gen)
 
 
+def plan_entries(ckpt, adapter, base_dir, dtype):
+    """[(key, shape, dtype)] of every output tensor, from the headers alone (floats become `dtype`),
+    after checking that every adapted module exists in the base with the adapter's shape."""
+    entries = []
+    for key in ckpt.keys:
+        shape, source_dtype = ckpt.shape_dtype(key)
+        entries.append((key, shape, dtype if source_dtype.is_floating_point else source_dtype))
+    shapes = {key: shape for key, shape, _ in entries}
+    for module, shape in adapter.shapes.items():
+        key = module + ".weight"
+        if key not in shapes:
+            raise ValueError(f"the adapter targets {module}, but {base_dir} has no {key}: wrong --model?")
+        if shapes[key] != shape:
+            raise ValueError(f"shape mismatch for {key}: base {list(shapes[key])}, adapter lora_B @ lora_A "
+                             f"{list(shape)}: the adapter was trained on another model; wrong --model?")
+    return entries
+
+
+def merged_tensor(ckpt, adapter, settings, key, out_dtype):
+    """One output tensor: the base tensor (through the NF4 round trip first with --base dequantized, i.e.
+    `settings` given), plus the adapter's update where it has one, rounded once to out_dtype (integer
+    tensors as stored)."""
+    tensor = ckpt.get(key)
+    module = key.removesuffix(".weight")
+    roundtrip = settings is not None and key not in ckpt.quantized and is_quantized_on_load(key, tensor.shape)
+    changed = module in adapter.keys or roundtrip
+    if changed:
+        tensor = tensor.float()  # exact widening: the sum below runs in float32, rounded once
+        if roundtrip:
+            tensor = quantize_roundtrip(tensor, settings)
+        if module in adapter.keys:
+            a, b = adapter.pair(module)
+            tensor = lora.merge_weight(tensor, a.float(), b.float(), adapter.scaling)
+    if not tensor.is_floating_point() or (tensor.dtype == out_dtype and not changed):
+        return tensor  # an untouched tensor already in the output dtype stays byte-identical
+    out = tensor.to(out_dtype)  # the one rounding (a no-op for float32 output)
+    finite_or_raise(key, out, tensor)
+    return out
+
+
 def merge_checkpoint(adapter_dir, output_dir, model, dtype_name, base, max_shard_size, force, verify,
                      fmt="safetensors", gguf_type="f16"):
     """Merge the adapter in adapter_dir into its base checkpoint and write the result to output_dir: a HF
@@ -311,39 +352,8 @@ def merge_checkpoint(adapter_dir, output_dir, model, dtype_name, base, max_shard
     settings = train_config.quant_settings(train_config.run_config(adapter_dir)) if base == "dequantized" else None
     ckpt = Checkpoint(base_dir)
 
-    # Plan every output tensor from the headers (floats become `dtype`), and check the adapter fits.
-    entries = []
-    for key in ckpt.keys:
-        shape, source_dtype = ckpt.shape_dtype(key)
-        entries.append((key, shape, dtype if source_dtype.is_floating_point else source_dtype))
-    shapes = {key: shape for key, shape, _ in entries}
-    for module, shape in adapter.shapes.items():
-        key = module + ".weight"
-        if key not in shapes:
-            raise ValueError(f"the adapter targets {module}, but {base_dir} has no {key}: wrong --model?")
-        if shapes[key] != shape:
-            raise ValueError(f"shape mismatch for {key}: base {list(shapes[key])}, adapter lora_B @ lora_A "
-                             f"{list(shape)}: the adapter was trained on another model; wrong --model?")
-
-    def produce(key, out_dtype):
-        """The merged tensor, rounded once to out_dtype (integer tensors as stored)."""
-        tensor = ckpt.get(key)
-        module = key.removesuffix(".weight")
-        roundtrip = settings is not None and key not in ckpt.quantized and is_quantized_on_load(key, tensor.shape)
-        changed = module in adapter.keys or roundtrip
-        if changed:
-            tensor = tensor.float()  # exact widening: the sum below runs in float32, rounded once
-            if roundtrip:
-                tensor = quantize_roundtrip(tensor, settings)
-            if module in adapter.keys:
-                a, b = adapter.pair(module)
-                tensor = lora.merge_weight(tensor, a.float(), b.float(), adapter.scaling)
-        if not tensor.is_floating_point() or (tensor.dtype == out_dtype and not changed):
-            return tensor  # an untouched tensor already in the output dtype stays byte-identical
-        out = tensor.to(out_dtype)  # the one rounding (a no-op for float32 output)
-        finite_or_raise(key, out, tensor)
-        return out
-
+    entries = plan_entries(ckpt, adapter, base_dir, dtype)
+    produce = functools.partial(merged_tensor, ckpt, adapter, settings)  # produce(key, out_dtype)
     tmp = output_dir.parent / f".{output_dir.name}.tmp-{os.getpid()}"
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(tmp, ignore_errors=True)
