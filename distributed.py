@@ -68,8 +68,8 @@ optimizer/RNG file per rank (`rank_file`) and resume only at the same world size
 A failing rank exits with its error; torchrun then stops the others. A rank stuck in a collective gives up
 after the process-group timeout (`--dist-timeout`).
 Tested: 2 CPU processes with gloo (tests/test_distributed.py); one H200 with NCCL at world size 1 (FSDP2,
-CPU offload, resume, 8-bit state; its torch 2.11 with the one-line fix of pytorch 177844 applied). Not yet
-run: several GPUs.
+CPU offload, resume, 8-bit state), on that machine's torch 2.11 patched with the one-line fix of pytorch
+177844 (stock 2.11 refuses, see `shard`). Not yet run: several GPUs.
 Left out: tensor/pipeline parallelism, several nodes' specifics (torchrun handles rendezvous), HSDP,
 resharding a checkpoint to another world size, and evaluation split over the ranks (each rank computes the
 eval loss on all held-out rows; FSDP2 needs every rank in every forward anyway).

@@ -169,9 +169,8 @@ def reply(model, tokenizer, messages, args, use_template, out, generator=None, i
         ids = prompt_ids(tokenizer, messages, use_template)
     streamer = Streamer(tokenizer, out)
     try:
-        with torch.no_grad():
-            generate(model, tokenizer, [ids], args.max_new_tokens, temperature=args.temperature,
-                           top_p=args.top_p, stream=streamer, generator=generator)
+        generate(model, tokenizer, [ids], args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                 stream=streamer, generator=generator)
     except KeyboardInterrupt:  # in a chat, Ctrl-C cuts this reply short and keeps the conversation
         if not interruptible:
             raise
@@ -233,6 +232,8 @@ def main(argv=None, stdin=None, out=None):
     # the script chooses for its user (the library itself stays on the CPU unless told): see llama.from_pretrained
     auto = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(auto if args.device == "auto" else args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}, but torch sees no CUDA GPU (is the CUDA build of torch installed?)")
     model_id, adapter = resolve_model_and_adapter(args.model, args.adapter)
     run = train_config.run_config(adapter) if adapter is not None else {}
     quant = args.quant or run.get("quant", train_config.FIELDS["quant"].default)

@@ -228,7 +228,10 @@ def _check_keys(model: nn.Module, shapes: dict, tied: bool) -> dict[str, set]:
         if module_name in parts:  # every key of a 4-bit layer: weight, weight.absmax, ..., bias
             suffix = key[len(module_name) + 1:]
             parts[module_name].add(suffix)
-            out_f, in_f = expected.get(module_name + ".weight", (0, 0))
+            if module_name + ".weight" not in expected:
+                unexpected.append(key)
+                continue
+            out_f, in_f = expected[module_name + ".weight"]
             nbytes = (out_f * in_f + 1) // 2  # two 4-bit codes a byte, whatever quant_storage dtype holds them
             if suffix == "weight" and math.prod(shape) * _ITEMSIZE.get(dtype, 0) != nbytes:
                 wrong.append(f"{key}: {dtype} {shape}, but the 4-bit packing of [{out_f}, {in_f}] takes "

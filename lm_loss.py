@@ -90,5 +90,5 @@ def lm_loss_sum(model, batch):
         loss = LMHeadCrossEntropy.apply(h, head.weight, y, chunk_rows)
     else:  # a trained head (LoRA on lm_head): recompute each chunk's logits in backward instead
         loss = sum((checkpoint(_chunk_ce, head, h[s:s + chunk_rows], y[s:s + chunk_rows], use_reentrant=False)
-                    for s in range(0, len(y), chunk_rows)), torch.zeros((), device=device))
+                    for s in range(0, len(y), chunk_rows)), head(h[:0]).float().sum())  # 0 rows: 0, in the graph
     return loss, len(y)

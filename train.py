@@ -257,7 +257,9 @@ def trim_metrics(metrics_path, step):
     """Forget the logged steps after `step`: those of the run we resume (it died after its checkpoint),
     or of an older run in the same directory."""
     if metrics_path.exists():
-        kept = [l for l in metrics_path.read_text().splitlines() if json.loads(l)["step"] <= step]
+        text = metrics_path.read_text()
+        whole = text.splitlines()[:text.count("\n")]  # a last line without its newline was cut by a kill
+        kept = [l for l in whole if json.loads(l)["step"] <= step]
         lora.atomic_write(metrics_path, lambda tmp: Path(tmp).write_text("".join(l + "\n" for l in kept)))
 
 

@@ -2,10 +2,11 @@
 bitsandbytes' own bytes (fixtures/bnb/tiny_llama_nf4_dq is fixtures/hf/bf16 quantized by transformers +
 bitsandbytes); pre-quantized checkpoints load as 4-bit or dequantize exactly."""
 import json
+import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import llama
 import nf4
@@ -170,3 +171,16 @@ def test_cuda_load_matches_cpu():
     torch.testing.assert_close(out, ref, rtol=0, atol=0.05 * ref.abs().max().item())
     tok = Tokenizer.from_dir(HF / "gqa")
     assert len(generate(gpu, tok, ids[0, :8].tolist(), max_new_tokens=4)[0]) <= 4
+
+
+def test_a_4bit_layer_the_model_lacks_is_reported_as_unexpected(tmp_path):
+    # a 4-bit layer with no place in config.json's model (here: a third decoder layer) is an unexpected key,
+    # not a "wrong shape" against an imaginary [0, 0] weight
+    shutil.copy(BNB_DIR / "config.json", tmp_path / "config.json")
+    tensors = load_file(BNB_DIR / "model.safetensors")
+    extra = {k.replace("model.layers.0.", "model.layers.99."): v.clone()
+             for k, v in tensors.items() if k.startswith("model.layers.0.mlp.up_proj.")}
+    save_file({**tensors, **extra}, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match="unexpected") as err:
+        llama.from_pretrained(tmp_path, quant="nf4", device="cpu")
+    assert "model.layers.99.mlp.up_proj.weight" in str(err.value) and "[0, 0]" not in str(err.value)

@@ -82,7 +82,7 @@ def test_packed_rows_equal_documents_alone():
         scale = alone.abs().max().item()
         torch.testing.assert_close(logits[b, s:e], alone, rtol=0, atol=1e-5 * scale)
         a, p = doc_loss(alone, ids[b, s:e]), doc_loss(logits[b, s:e], ids[b, s:e])
-        torch.testing.assert_close(p, a, rtol=1e-6, atol=0)
+        torch.testing.assert_close(p, a, rtol=1e-5, atol=0)  # a mean CE of logits equal within 1e-5 of scale
         packed_loss, alone_loss = packed_loss + p, alone_loss + a
     params = [model.model.layers[0].self_attn.q_proj.weight, model.model.layers[1].mlp.down_proj.weight,
               model.model.embed_tokens.weight]
@@ -156,7 +156,7 @@ def test_chunked_mlp_equals_unchunked(checkpointing):
     """Same logits and gradients with the MLP in chunks as in one piece, with and without layer
     checkpointing (chunks then checkpointed inside a checkpointed layer). Tokens are independent in the
     MLP, so the forward values are the same numbers (bit-identical on the development CPU; a GEMM library
-    may still block a 100-row product differently from a 400-row one, hence 1e-6 of the scale). The
+    may still block a 100-row product differently from a 400-row one, hence 1e-5 of the scale, as for packed rows). The
     weight gradients sum over tokens chunk by chunk instead of in one GEMM: a reordered fp32 sum whose
     error is bounded by ~(chunks + log2 terms) * 2^-24 * sum|terms|; measured 6e-7 of the gradient's
     scale here, allowed 4e-6 (about 32 fp32 ulps at the scale)."""
@@ -173,13 +173,13 @@ def test_chunked_mlp_equals_unchunked(checkpointing):
             logits.float().logsumexp(-1).mean().backward()
         results[size] = logits.detach(), [p.grad for p in params], spy.seen
     (plain, g_plain, seen_plain), (chunked, g_chunked, seen_chunked) = results[None], results[CHUNK]
-    torch.testing.assert_close(chunked, plain, rtol=0, atol=1e-6 * plain.abs().max().item())
+    torch.testing.assert_close(chunked, plain, rtol=0, atol=1e-5 * plain.abs().max().item())
     for a, b in zip(g_chunked, g_plain):
         torch.testing.assert_close(a, b, rtol=0, atol=4e-6 * b.abs().max().item())
     assert seen_chunked == [] and seen_plain  # chunking bounds the intermediates; the check sees them unbounded
     with torch.no_grad():  # inference takes the chunked path without checkpoints
         model.eval()
-        torch.testing.assert_close(model(ids), plain, rtol=0, atol=1e-6 * plain.abs().max().item())
+        torch.testing.assert_close(model(ids), plain, rtol=0, atol=1e-5 * plain.abs().max().item())
 
 
 def test_short_calls_take_the_plain_path():

@@ -564,3 +564,22 @@ def test_decoder_layer_traces_as_one_graph():
     torch._dynamo.reset()
     explained = torch._dynamo.explain(model.model.layers[0].forward)(x, cos, sin)
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
+def test_resume_drops_a_metrics_line_cut_short_by_a_kill(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')  # killed mid-write
+    train.trim_metrics(path, 5)
+    assert [json.loads(l)["step"] for l in path.read_text().splitlines()] == [1, 2]
+
+
+def test_a_rank_without_trained_rows_still_backpropagates_through_a_trained_head():
+    # torchrun: a short last micro-batch leaves one rank a fully masked row; with LoRA on lm_head its loss
+    # must still be part of the graph (0, with zero gradients), or its backward (and FSDP's) would fail
+    model = llama.from_pretrained(GQA, quant=None, dtype=torch.float32, device="cpu")
+    lora.add_lora(model, r=4, alpha=8, dropout=0, targets="lm_head")
+    ids = torch.tensor([[1, 2, 3, 4]])
+    loss, n = lm_loss.lm_loss_sum(model, {"input_ids": ids, "targets": torch.full_like(ids, data.IGNORE)})
+    loss.backward()
+    assert n == 0 and loss.item() == 0.0
+    assert all(p.grad is not None and not p.grad.any() for p in model.parameters() if p.requires_grad)
